@@ -1,0 +1,278 @@
+"""The uniform view of a ViT that every analysis consumes.
+
+An adapter reads the modules of an unmodified model and exposes, per block, the pieces of
+the computation (norms, q/k/v, output projection, MLP) so that one generic decomposed
+forward (``captum_clsemb.trace``) can run it while recording everything by name. It never
+edits the model: no hooks, no flag changes (fused attention / attention implementation are
+left alone because attention is recomputed explicitly from the same weights). The only
+state touched is train/eval mode, which :meth:`ModelAdapter.eval_mode` restores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from captum_clsemb.errors import InputValidationError
+
+QKVFn = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def identity(x: Tensor) -> Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    r"""The computation of one transformer block, as callables over the model's own modules.
+
+    A block computes, with ``x`` the residual stream entering it::
+
+        q, k, v = qkv(norm1(x))                       # each (N, heads, T, head_dim)
+        A = softmax(q k^T * scale)                    # attention probabilities
+        z = concat_h(A_h v_h)                         # attention key coefficients (N, T, heads*head_dim)
+        attn_out = attn_post(proj(attn_out_norm(z)))  # added to the residual
+        mid = x + attn_out
+        keys = act(fc1(norm2(mid)))                   # MLP key coefficients
+        mlp_out = mlp_post(fc2(mlp_mid_norm(keys)))   # added to the residual
+        out = mid + mlp_out
+
+    Pre-norm blocks have ``attn_post``/``mlp_post`` = layer scale (or identity); post-norm
+    blocks (timm ``ResPostBlock``) have ``norm1``/``norm2`` = identity and the block norms as
+    ``attn_post``/``mlp_post``.
+    """
+
+    norm1: Callable[[Tensor], Tensor]
+    qkv: QKVFn
+    scale: float
+    attn_out_norm: Callable[[Tensor], Tensor]
+    proj: nn.Linear
+    attn_post: Callable[[Tensor], Tensor]
+    norm2: Callable[[Tensor], Tensor]
+    fc1: nn.Linear
+    act: Callable[[Tensor], Tensor]
+    mlp_mid_norm: Callable[[Tensor], Tensor]
+    fc2: nn.Linear
+    mlp_post: Callable[[Tensor], Tensor]
+    scale_before_matmul: bool = True  # timm scales q first; HF scales q k^T (same maths, float order differs)
+
+
+class ModelAdapter:
+    r"""Base class: a uniform decomposed view of one ViT family.
+
+    Attributes set by subclasses:
+        model: the wrapped model (never modified).
+        family: ``"timm"`` or ``"hf"``.
+        num_blocks, num_heads, head_dim, embed_dim, num_classes: sizes.
+        prefix_tokens: names of the tokens before the patches, in model order, each one of
+            ``"cls"``, ``"dist"`` (DeiT distillation token), ``"reg"`` (register token).
+        pooling: ``"token"`` (class-token models, incl. distilled) or ``"avg"`` (GAP).
+        class_names: list of class names when the model carries them, else None.
+    """
+
+    model: nn.Module
+    family: str
+    num_blocks: int
+    num_heads: int
+    head_dim: int
+    embed_dim: int
+    num_classes: int
+    prefix_tokens: tuple[str, ...]
+    pooling: str
+    class_names: list[str] | None = None
+
+    # -- structure ---------------------------------------------------------------------
+    @property
+    def num_prefix_tokens(self) -> int:
+        return len(self.prefix_tokens)
+
+    @property
+    def has_class_token(self) -> bool:
+        return "cls" in self.prefix_tokens
+
+    @property
+    def class_token_index(self) -> int:
+        if not self.has_class_token:
+            raise InputValidationError(
+                f"{type(self.model).__name__} has no class token (global average pooling); "
+                "this analysis needs a class-token model"
+            )
+        return self.prefix_tokens.index("cls")
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def in_chans(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) of the patch grid at the model's image size."""
+        (ih, iw), (ph, pw) = self.img_size, self.patch_size
+        return ih // ph, iw // pw
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid_size
+        return h * w
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    def block(self, index: int) -> BlockParts:
+        raise NotImplementedError
+
+    # -- classification path -------------------------------------------------------------
+    @property
+    def head(self) -> nn.Linear:
+        """The classifier head (for distilled models: the class-token head)."""
+        raise NotImplementedError
+
+    @property
+    def head_dist(self) -> nn.Linear | None:
+        """The distillation head of DeiT-distilled models, else None."""
+        return None
+
+    @property
+    def class_embedding(self) -> Tensor:
+        """E, the class embedding matrix (num_classes, embed_dim): rows are class prototypes."""
+        return self.head.weight
+
+    @property
+    def class_bias(self) -> Tensor | None:
+        return self.head.bias
+
+    def pre_pool_norm(self, states: Tensor) -> Tensor:
+        """The norm applied to every token before pooling (``model.norm``; identity for GAP)."""
+        raise NotImplementedError
+
+    def post_pool_norm(self, pooled: Tensor) -> Tensor:
+        """The norm applied after pooling (timm ``fc_norm`` of GAP models; else identity)."""
+        raise NotImplementedError
+
+    def final_norm(self, states: Tensor) -> Tensor:
+        """The normalisation the classification path applies to a token state.
+
+        Class-token models: the final norm (``model.norm`` / ``layernorm``). GAP models: the
+        ``fc_norm`` applied after pooling, here applied per token.
+        """
+        return self.post_pool_norm(self.pre_pool_norm(states))
+
+    def embed(self, pixel_values: Tensor) -> Tensor:
+        """Tokens after patch + position embedding (and any pre-norm), (N, T, d)."""
+        raise NotImplementedError
+
+    def classify(self, final_states: Tensor) -> Tensor:
+        """Logits from the residual stream after the last block, exactly as the model pools."""
+        normed = self.pre_pool_norm(final_states)
+        if self.pooling == "avg":
+            pooled = normed[:, self.num_prefix_tokens :].mean(1)
+            return self.head(self.post_pool_norm(pooled))
+        normed = self.post_pool_norm(normed)
+        logits = self.head(normed[:, self.class_token_index])
+        if self.head_dist is not None:
+            logits = (logits + self.head_dist(normed[:, self.prefix_tokens.index("dist")])) / 2
+        return logits
+
+    def project(
+        self, states: Tensor, *, apply_norm: bool = True, include_bias: bool = True, head: str = "cls"
+    ) -> Tensor:
+        r"""The class embedding lens: logits of any token state through the model's own path.
+
+        ``states`` is (..., d). Class-token models: final norm then head (with bias). GAP
+        models: ``fc_norm`` then head per token (pooling is linear and comes before
+        ``fc_norm``, so a single token is classified as if it were the pooled vector).
+
+        Args:
+            states: token states, (..., embed_dim).
+            apply_norm: apply the final norm (the paper's formula ``E x`` omits it; the
+                authors' code applies it). Default: True.
+            include_bias: add the head bias. Default: True.
+            head: ``"cls"`` (the classifier head), or for DeiT-distilled models ``"dist"``
+                (the distillation head) or ``"mean"`` (their average, as the model's output).
+        Returns:
+            logits, (..., num_classes).
+        """
+        x = self.final_norm(states) if apply_norm else states
+        heads = [self.head]
+        if head in ("dist", "mean"):
+            if self.head_dist is None:
+                raise InputValidationError(f"head={head!r} needs a distilled model with two heads; use head='cls'")
+            heads = [self.head_dist] if head == "dist" else [self.head, self.head_dist]
+        elif head != "cls":
+            raise InputValidationError(f"head must be 'cls', 'dist' or 'mean', got {head!r}")
+        out = None
+        for h in heads:
+            y = torch.nn.functional.linear(x, h.weight, h.bias if include_bias else None)
+            out = y if out is None else out + y
+        return out / len(heads)
+
+    # -- input checks and mode handling --------------------------------------------------------
+    def check_inputs(self, inputs: object) -> Tensor:
+        """Validate an image batch, returning it; raise InputValidationError naming the fix."""
+        if isinstance(inputs, tuple) and len(inputs) == 1:
+            inputs = inputs[0]
+        if not isinstance(inputs, Tensor):
+            raise InputValidationError(
+                f"inputs must be a float tensor of images (N, C, H, W), got {type(inputs).__name__}"
+            )
+        if inputs.dim() != 4:
+            raise InputValidationError(
+                f"inputs must be a batch of images (N, C, H, W), got shape {tuple(inputs.shape)}; "
+                "add a batch dimension with x.unsqueeze(0)"
+            )
+        if not inputs.is_floating_point():
+            raise InputValidationError(
+                f"inputs must be floating point (normalised pixel values), got {inputs.dtype}; "
+                "apply the model's preprocessing (e.g. timm.data.create_transform) or x.float()"
+            )
+        param = next(self.model.parameters())
+        if inputs.dtype != param.dtype:
+            raise InputValidationError(
+                f"inputs are {inputs.dtype} but the model's weights are {param.dtype}; cast with x.to({param.dtype})"
+            )
+        if inputs.shape[1] != self.in_chans:
+            raise InputValidationError(
+                f"the model expects {self.in_chans} channels, got {inputs.shape[1]}; convert images to RGB"
+            )
+        if tuple(inputs.shape[2:]) != tuple(self.img_size):
+            h, w = self.img_size
+            raise InputValidationError(
+                f"wrong image size {inputs.shape[2]}x{inputs.shape[3]}: {type(self.model).__name__} expects "
+                f"{h}x{w}; resize with the model's preprocessing (timm.data.resolve_data_config + create_transform, "
+                "or the Hugging Face image processor)"
+            )
+        return inputs
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Run in eval mode (dropout off); restore every module's own train/eval flag after."""
+        flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, was_training in flags:
+                m.training = was_training
+
+    def model_logits(self, pixel_values: Tensor) -> Tensor:
+        """Plain logits of the wrapped model (its own forward)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({type(self.model).__name__}: blocks={self.num_blocks}, heads={self.num_heads}, "
+            f"dim={self.embed_dim}, classes={self.num_classes}, prefix={self.prefix_tokens}, grid={self.grid_size}, "
+            f"pooling={self.pooling!r})"
+        )

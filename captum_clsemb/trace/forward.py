@@ -1,0 +1,229 @@
+"""One batched decomposed forward that records activations by name, with interventions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from captum_clsemb.adapters import ModelAdapter, adapt
+from captum_clsemb.adapters.base import BlockParts
+from captum_clsemb.errors import InputValidationError
+from captum_clsemb.trace.cache import RECORDABLE, ActivationCache
+from captum_clsemb.trace.interventions import BUILTIN_EDITS, AttentionEdit, NoClassToken, SelfOnly
+
+BlockCallback = Callable[[int, dict[str, Tensor]], None]
+
+
+@dataclass
+class Trace:
+    r"""Result of :func:`trace`.
+
+    Attributes:
+        logits: model logits (N, num_classes), equal to ``model(x)`` without interventions.
+        cache: the recorded activations.
+        token_index: (N, T') model-order index (prefix tokens first, then patches in raster
+            order) of each position of the traced sequence; differs from ``arange`` only
+            when tokens were dropped.
+        num_prefix_tokens: number of prefix tokens at the start of the sequence.
+    """
+
+    logits: Tensor
+    cache: ActivationCache
+    token_index: Tensor
+    num_prefix_tokens: int
+
+
+def resolve_attention_edit(
+    attention_edit: str | AttentionEdit | None, adapter: ModelAdapter, blocks: Iterable[int] | None = None
+) -> AttentionEdit | None:
+    """Turn ``"self_only"`` / ``"no_cls"`` into edit objects; pass callables through."""
+    if attention_edit is None:
+        return None
+    if isinstance(attention_edit, str):
+        if attention_edit == "self_only":
+            return SelfOnly(adapter.num_prefix_tokens, blocks)
+        if attention_edit == "no_cls":
+            return NoClassToken(adapter.class_token_index, adapter.num_prefix_tokens, blocks=blocks)
+        raise InputValidationError(
+            f"unknown attention_edit {attention_edit!r}; use one of {BUILTIN_EDITS} or a callable (block, probs) -> probs"
+        )
+    if not callable(attention_edit):
+        raise InputValidationError("attention_edit must be a name or a callable (block, probs) -> probs")
+    if blocks is None:
+        return attention_edit
+    chosen = set(blocks)
+
+    def edit(block: int, probs: Tensor) -> Tensor:
+        return attention_edit(block, probs) if block in chosen else probs
+
+    return edit
+
+
+def keep_token_index(adapter: ModelAdapter, keep_tokens: Tensor, num_examples: int) -> Tensor:
+    r"""Sequence positions to keep, (N, prefix + K), from per-example image-token indices.
+
+    ``keep_tokens`` is (N, K) (or (K,) for all examples) of patch indices in 0..P-1, or a
+    boolean mask (N, P) with the same number of kept patches per example. Prefix tokens are
+    always kept. Positions are returned in model order.
+    """
+    p, num_patches = adapter.num_prefix_tokens, adapter.num_patches
+    if not isinstance(keep_tokens, Tensor):
+        keep_tokens = torch.as_tensor(keep_tokens)
+    if keep_tokens.dtype == torch.bool:
+        if keep_tokens.dim() == 1:
+            keep_tokens = keep_tokens.expand(num_examples, -1)
+        if keep_tokens.shape != (num_examples, num_patches):
+            raise InputValidationError(
+                f"a boolean keep_tokens mask must have shape (N, num_patches) = ({num_examples}, {num_patches}), "
+                f"got {tuple(keep_tokens.shape)}"
+            )
+        counts = keep_tokens.sum(1)
+        if (counts != counts[0]).any():
+            raise InputValidationError(
+                "keep_tokens must keep the same number of patches in every example (the sequence is batched); "
+                f"got counts {counts.tolist()}"
+            )
+        idx = torch.arange(num_patches, device=keep_tokens.device).expand(num_examples, -1)
+        keep_tokens = idx[keep_tokens].view(num_examples, int(counts[0]))
+    if keep_tokens.dtype not in (torch.int64, torch.int32):
+        raise InputValidationError(f"keep_tokens must hold integer patch indices or be a bool mask, got {keep_tokens.dtype}")
+    if keep_tokens.dim() == 1:
+        keep_tokens = keep_tokens.expand(num_examples, -1)
+    if keep_tokens.dim() != 2 or keep_tokens.shape[0] != num_examples:
+        raise InputValidationError(
+            f"keep_tokens must be (N, K) with N = {num_examples} examples, got shape {tuple(keep_tokens.shape)}"
+        )
+    if keep_tokens.numel() and (keep_tokens.min() < 0 or keep_tokens.max() >= num_patches):
+        raise InputValidationError(f"keep_tokens indices must be patch indices in 0..{num_patches - 1}")
+    kept = keep_tokens.long().sort(dim=1).values
+    if kept.shape[1] > 1 and (kept[:, 1:] == kept[:, :-1]).any():
+        raise InputValidationError("keep_tokens contains a repeated patch index")
+    prefix = torch.arange(p, device=kept.device).expand(num_examples, -1)
+    return torch.cat([prefix, kept + p], dim=1)
+
+
+def run_block(
+    parts: BlockParts,
+    x: Tensor,
+    block: int,
+    kinds: frozenset[str],
+    edit: AttentionEdit | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One block of the decomposed forward; returns the block output and the requested kinds."""
+    acts: dict[str, Tensor] = {}
+    if "resid_pre" in kinds:
+        acts["resid_pre"] = x
+    n, t, _ = x.shape
+    q, k, v = parts.qkv(parts.norm1(x))
+    if parts.scale_before_matmul:
+        scores = (q * parts.scale) @ k.transpose(-2, -1)
+    else:
+        scores = (q @ k.transpose(-2, -1)) * parts.scale
+    probs = scores.softmax(dim=-1)
+    if edit is not None:
+        edited = edit(block, probs)
+        if not isinstance(edited, Tensor) or edited.shape != probs.shape:
+            raise InputValidationError(
+                f"attention_edit must return a tensor of shape {tuple(probs.shape)} for block {block}"
+            )
+        probs = edited
+    if "attn_probs" in kinds:
+        acts["attn_probs"] = probs
+    z = (probs @ v).transpose(1, 2).reshape(n, t, -1)
+    if "attn_keys" in kinds:
+        acts["attn_keys"] = z
+    attn_out = parts.attn_post(parts.proj(parts.attn_out_norm(z)))
+    mid = x + attn_out
+    keys = parts.act(parts.fc1(parts.norm2(mid)))
+    if "mlp_keys" in kinds:
+        acts["mlp_keys"] = keys
+    mlp_out = parts.mlp_post(parts.fc2(parts.mlp_mid_norm(keys)))
+    out = mid + mlp_out
+    if "attn_out" in kinds:
+        acts["attn_out"] = attn_out
+    if "resid_mid" in kinds:
+        acts["resid_mid"] = mid
+    if "mlp_out" in kinds:
+        acts["mlp_out"] = mlp_out
+    if "resid_post" in kinds:
+        acts["resid_post"] = out
+    return out, acts
+
+
+def _record_kinds(record: str | Iterable[str]) -> frozenset[str]:
+    if record == "all":
+        return frozenset(RECORDABLE)
+    kinds = frozenset([record] if isinstance(record, str) else record)
+    unknown = kinds - set(RECORDABLE)
+    if unknown:
+        raise InputValidationError(f"cannot record {sorted(unknown)}; choose from {sorted(RECORDABLE)} or 'all'")
+    return kinds
+
+
+def trace(
+    model: nn.Module | ModelAdapter,
+    inputs: Tensor,
+    record: str | Iterable[str] = (),
+    attention_edit: str | AttentionEdit | None = None,
+    edit_blocks: Iterable[int] | None = None,
+    keep_tokens: Tensor | None = None,
+    on_block: BlockCallback | None = None,
+    store: bool = True,
+    grad: bool = False,
+) -> Trace:
+    r"""Run one batched decomposed forward, recording activations by name.
+
+    The forward recomputes every block from the model's own modules, with attention
+    probabilities made explicit, so it needs no hooks and leaves fused attention settings
+    alone. Without interventions, ``trace(model, x).logits`` equals ``model(x)`` (eval mode).
+    The model is put in eval mode for the pass and its per-module train/eval flags are
+    restored afterwards, also when an error is raised.
+
+    Args:
+        model: a supported ViT or its adapter.
+        inputs: images (N, C, H, W), preprocessed for the model.
+        record: kinds to record per block (see ``RECORDABLE``), or ``"all"``. Default: none.
+        attention_edit: ``"self_only"``, ``"no_cls"`` or a callable ``(block, probs) -> probs``
+            editing the attention probabilities (N, heads, T, T) of each block.
+        edit_blocks: restrict the edit to these blocks. Default: all blocks.
+        keep_tokens: drop tokens from the sequence after the position embedding: per-example
+            patch indices to keep (N, K), or a boolean mask (N, num_patches). Prefix tokens
+            are always kept.
+        on_block: called as ``on_block(block, activations)`` after each block with the
+            recorded kinds of that block, for streaming consumers.
+        store: keep the recorded activations in the returned cache. Set False with
+            ``on_block`` to hold only one block at a time.
+        grad: build the autograd graph (for gradient methods). Default: False (no_grad).
+    Returns:
+        :class:`Trace` with logits, cache and token index.
+
+    Examples::
+
+        >>> tr = trace(model, x, record=["resid_post", "attn_probs"])
+        >>> tr.cache["resid_post", -1].shape     # (N, T, d)
+        >>> tr.cache.stack("attn_probs").shape   # (N, blocks, heads, T, T)
+    """
+    adapter = adapt(model)
+    x = adapter.check_inputs(inputs)
+    kinds = _record_kinds(record)
+    edit = resolve_attention_edit(attention_edit, adapter, edit_blocks)
+    n = x.shape[0]
+    cache = ActivationCache(adapter.num_blocks)
+    with adapter.eval_mode(), torch.set_grad_enabled(grad):
+        h = adapter.embed(x)
+        token_index = torch.arange(h.shape[1], device=h.device).expand(n, -1)
+        if keep_tokens is not None:
+            token_index = keep_token_index(adapter, keep_tokens.to(h.device), n)
+            h = h.gather(1, token_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        for b in range(adapter.num_blocks):
+            h, acts = run_block(adapter.block(b), h, b, kinds, edit)
+            if on_block is not None:
+                on_block(b, acts)
+            if store:
+                for kind, value in acts.items():
+                    cache[kind, b] = value
+        logits = adapter.classify(h)
+    return Trace(logits=logits, cache=cache, token_index=token_index, num_prefix_tokens=adapter.num_prefix_tokens)
