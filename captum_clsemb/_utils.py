@@ -25,7 +25,9 @@ def format_output(is_inputs_tuple: bool, output: tuple[Tensor, ...]) -> Tensor |
     return output if is_inputs_tuple else output[0]
 
 
-def format_target(target: TargetType, num_examples: int, num_classes: int, device: torch.device) -> Tensor | None:
+def format_target(
+    target: TargetType, num_examples: int, num_classes: int, device: torch.device
+) -> Tensor | None:
     """Turn a Captum-style target into a LongTensor of shape (N,), or None.
 
     Accepts an int (same class for every example), a list/tuple of ints or a 1-D tensor
@@ -34,7 +36,9 @@ def format_target(target: TargetType, num_examples: int, num_classes: int, devic
     if target is None:
         return None
     if isinstance(target, bool):
-        raise InputValidationError("target must be an int class index, a list of ints or a 1-D tensor, not a bool")
+        raise InputValidationError(
+            "target must be an int class index, a list of ints or a 1-D tensor, not a bool"
+        )
     if isinstance(target, int):
         t = torch.full((num_examples,), target, dtype=torch.long)
     elif isinstance(target, Tensor):

@@ -45,7 +45,9 @@ def adapt(model: nn.Module | ModelAdapter) -> ModelAdapter:
         return TimmViTAdapter(model)
     if is_hf_vit(model):
         return HFViTAdapter(model)
-    raise UnsupportedModelError(f"{type(model).__name__} is not a supported model. Supported: {SUPPORTED_FAMILIES}.")
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not a supported model. Supported: {SUPPORTED_FAMILIES}."
+    )
 
 
 __all__ = [

@@ -208,7 +208,9 @@ class ModelAdapter:
         heads = [self.head]
         if head in ("dist", "mean"):
             if self.head_dist is None:
-                raise InputValidationError(f"head={head!r} needs a distilled model with two heads; use head='cls'")
+                raise InputValidationError(
+                    f"head={head!r} needs a distilled model with two heads; use head='cls'"
+                )
             heads = [self.head_dist] if head == "dist" else [self.head, self.head_dist]
         elif head != "cls":
             raise InputValidationError(f"head must be 'cls', 'dist' or 'mean', got {head!r}")

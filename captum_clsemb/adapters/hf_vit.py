@@ -8,7 +8,11 @@ from captum_clsemb.adapters.base import BlockParts, ModelAdapter, identity
 from captum_clsemb.errors import UnsupportedModelError
 
 SUPPORTED = "Hugging Face ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher"
-_CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
+_CLASSES = (
+    "ViTForImageClassification",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+)
 
 
 def is_hf_vit(model: nn.Module) -> bool:
@@ -40,7 +44,9 @@ class HFViTAdapter(ModelAdapter):
     def __init__(self, model: nn.Module) -> None:
         name = type(model).__name__
         if name not in _CLASSES:
-            raise UnsupportedModelError(f"{name} is not supported. Supported Hugging Face models: {SUPPORTED}.")
+            raise UnsupportedModelError(
+                f"{name} is not supported. Supported Hugging Face models: {SUPPORTED}."
+            )
         self.model = model
         self._backbone = model.vit if name == "ViTForImageClassification" else model.deit
         cfg = model.config
@@ -54,7 +60,9 @@ class HFViTAdapter(ModelAdapter):
         try:
             self._layers = list(_first_attr(self._backbone, "layers", "encoder.layer"))
         except AttributeError as e:
-            raise UnsupportedModelError(f"{name}: could not find the encoder layers in this transformers version") from e
+            raise UnsupportedModelError(
+                f"{name}: could not find the encoder layers in this transformers version"
+            ) from e
         self.prefix_tokens = ("cls", "dist") if name.startswith("DeiT") else ("cls",)
         self.pooling = "token"
         self.num_blocks = len(self._layers)
@@ -64,15 +72,19 @@ class HFViTAdapter(ModelAdapter):
         self.num_classes = self._head.out_features
         id2label = getattr(cfg, "id2label", None) or {}
         names = [id2label.get(i, id2label.get(str(i))) for i in range(self.num_classes)]
-        self.class_names = names if all(n is not None for n in names) and names != [
-            f"LABEL_{i}" for i in range(self.num_classes)
-        ] else None
+        self.class_names = (
+            names
+            if all(n is not None for n in names) and names != [f"LABEL_{i}" for i in range(self.num_classes)]
+            else None
+        )
         # Validate that every layer has the parts we decompose.
         for i in range(self.num_blocks):
             try:
                 self._parts(i)
             except AttributeError as e:
-                raise UnsupportedModelError(f"{name}: layer {i} does not have the standard ViT structure ({e})") from e
+                raise UnsupportedModelError(
+                    f"{name}: layer {i} does not have the standard ViT structure ({e})"
+                ) from e
 
     def _size(self, value: object) -> tuple[int, int]:
         return tuple(value) if isinstance(value, (tuple, list)) else (int(value), int(value))

@@ -44,7 +44,9 @@ class TimmViTAdapter(ModelAdapter):
         self.model = model
         pool = getattr(model, "global_pool", "token")
         if getattr(model, "attn_pool", None) is not None or pool not in ("token", "avg"):
-            raise _unsupported(model, f"global_pool={pool!r} (only 'token' and 'avg' pooling have a linear lens)")
+            raise _unsupported(
+                model, f"global_pool={pool!r} (only 'token' and 'avg' pooling have a linear lens)"
+            )
         if not isinstance(model.head, nn.Linear):
             raise _unsupported(model, "a model without a linear classifier head (num_classes=0)")
         self.pooling = pool
@@ -59,7 +61,9 @@ class TimmViTAdapter(ModelAdapter):
             prefix.append("dist")
         prefix += ["reg"] * int(getattr(model, "num_reg_tokens", 0) or 0)
         if len(prefix) != model.num_prefix_tokens:
-            raise _unsupported(model, f"an unknown prefix-token layout ({model.num_prefix_tokens} prefix tokens)")
+            raise _unsupported(
+                model, f"an unknown prefix-token layout ({model.num_prefix_tokens} prefix tokens)"
+            )
         self.prefix_tokens = tuple(prefix)
 
         self._blocks = list(model.blocks)

@@ -89,7 +89,9 @@ def keep_token_index(adapter: ModelAdapter, keep_tokens: Tensor, num_examples: i
         idx = torch.arange(num_patches, device=keep_tokens.device).expand(num_examples, -1)
         keep_tokens = idx[keep_tokens].view(num_examples, int(counts[0]))
     if keep_tokens.dtype not in (torch.int64, torch.int32):
-        raise InputValidationError(f"keep_tokens must hold integer patch indices or be a bool mask, got {keep_tokens.dtype}")
+        raise InputValidationError(
+            f"keep_tokens must hold integer patch indices or be a bool mask, got {keep_tokens.dtype}"
+        )
     if keep_tokens.dim() == 1:
         keep_tokens = keep_tokens.expand(num_examples, -1)
     if keep_tokens.dim() != 2 or keep_tokens.shape[0] != num_examples:
@@ -159,7 +161,9 @@ def _record_kinds(record: str | Iterable[str]) -> frozenset[str]:
     kinds = frozenset([record] if isinstance(record, str) else record)
     unknown = kinds - set(RECORDABLE)
     if unknown:
-        raise InputValidationError(f"cannot record {sorted(unknown)}; choose from {sorted(RECORDABLE)} or 'all'")
+        raise InputValidationError(
+            f"cannot record {sorted(unknown)}; choose from {sorted(RECORDABLE)} or 'all'"
+        )
     return kinds
 
 
@@ -226,4 +230,6 @@ def trace(
                 for kind, value in acts.items():
                     cache[kind, b] = value
         logits = adapter.classify(h)
-    return Trace(logits=logits, cache=cache, token_index=token_index, num_prefix_tokens=adapter.num_prefix_tokens)
+    return Trace(
+        logits=logits, cache=cache, token_index=token_index, num_prefix_tokens=adapter.num_prefix_tokens
+    )
