@@ -14,7 +14,7 @@ from torch import Tensor
 
 from captum_clsemb.errors import InputValidationError
 
-TargetType = Union[None, int, Sequence[int], Tensor]
+TargetType = Union[None, int, Sequence[int], Tensor]  # noqa: UP007 (runtime alias)
 
 
 def is_tuple(inputs: object) -> bool:
