@@ -1,0 +1,67 @@
+"""The ``clsemb`` command (also ``python -m captum_clsemb``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from captum_clsemb.errors import InputValidationError, UnsupportedModelError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clsemb", description="Vision Transformers in class embedding space."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser(
+        "report", help="HTML/PNG/JSON report of identifiability (and more) for a model and images"
+    )
+    rep.add_argument("--model", default="demo",
+                     help="'demo' (bundled CIFAR-10 ViT), 'timm:<name>' or a local Hugging Face model folder")  # fmt: skip
+    rep.add_argument("--checkpoint", help="weights for a timm model (.pth/.pt/.safetensors)")
+    rep.add_argument(
+        "--images", help="folder of JPEG/PNG images (class sub-folders give labels); default: bundled"
+    )
+    rep.add_argument("--labels", help="CSV of file,label (index or class name) relative to --images")
+    rep.add_argument("--out", default="clsemb-report", help="output folder (default: clsemb-report)")
+    rep.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    rep.add_argument("--batch-size", type=int, default=64)
+    rep.add_argument("--max-images", type=int, default=None, help="use at most this many images")
+    rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="clsemb: %(message)s")
+    from captum_clsemb.cli.loading import CLIError
+
+    try:
+        if args.command == "report":
+            from captum_clsemb.cli.report import run_report
+
+            if args.batch_size < 1:
+                raise CLIError("--batch-size must be at least 1")
+            data = run_report(
+                model=args.model, checkpoint=args.checkpoint, images=args.images, labels=args.labels, out=args.out,
+                device=args.device, batch_size=args.batch_size, max_images=args.max_images,
+                progress=not args.no_progress,
+            )  # fmt: skip
+            ident = data["sections"].get("class_identifiability_across_blocks", {})
+            acc = ident.get("top1_accuracy")
+            print(f"report written to {args.out}/report.html (figures *.png, numbers report.json)")
+            if acc is not None:
+                print(f"top-1 accuracy {acc * 100:.2f}%, last-block identifiability rate "
+                      f"{ident['identifiability_rate_last_block_percent']:.2f}%")  # fmt: skip
+            if data["skipped_files"]:
+                print(f"skipped {len(data['skipped_files'])} unreadable file(s); see report.json")
+    except (CLIError, InputValidationError, UnsupportedModelError) as e:
+        print(f"clsemb: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

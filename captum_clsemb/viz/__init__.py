@@ -1,0 +1,1 @@
+"""Plotting on top of Captum's visualization module."""

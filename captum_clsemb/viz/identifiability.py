@@ -1,0 +1,103 @@
+"""Figures for class identifiability: per-block curves (paper Fig. 2) and token maps over images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+
+def to_hwc_image(
+    image: Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> np.ndarray:
+    """(3, H, W) tensor (optionally normalised) -> (H, W, 3) float array in [0, 1] for Captum's visualization."""
+    x = image.detach().cpu().float()
+    if mean is not None and std is not None:
+        x = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    else:
+        x = (x - x.min()) / (x.max() - x.min() + 1e-12)
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def plot_identifiability_curves(
+    curves: dict[str, Sequence[float]],
+    title: str = "Class identifiability per block",
+    chance: float | None = None,
+) -> Figure:
+    r"""Mean identifiability per block, one line per token type (e.g. ``{"cls": ..., "image": ...}``).
+
+    Args:
+        curves: name -> per-block mean identifiability.
+        title: axes title.
+        chance: draw the expected score of a random ranking (0.5 + 0.5/|C|) as a dashed line.
+    Returns:
+        a matplotlib Figure.
+    """
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    for name, values in curves.items():
+        v = np.asarray(values, dtype=float)
+        ax.plot(np.arange(1, len(v) + 1), v, marker="o", label=name)
+    if chance is not None:
+        ax.axhline(chance, ls="--", color="gray", lw=1, label="chance")
+    ax.set_xlabel("block")
+    ax.set_ylabel("mean identifiability")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_token_maps(
+    scores: Tensor,
+    images: Tensor,
+    grid: tuple[int, int],
+    num_prefix_tokens: int,
+    blocks: Sequence[int],
+    titles: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Figure:
+    r"""Identifiability of every image token over the image, for chosen blocks.
+
+    Each panel goes through :func:`captum.attr.visualization.visualize_image_attr`
+    (``blended_heat_map``, ``sign="positive"``) after upsampling the token grid with
+    :meth:`captum.attr.LayerAttribution.interpolate`.
+
+    Args:
+        scores: (N, num_blocks, T) identifiability scores.
+        images: (N, 3, H, W) the input images (normalised with ``mean``/``std`` if given).
+        grid: (h, w) patch grid.
+        num_prefix_tokens: tokens to drop before reshaping to the grid.
+        blocks: block indices to show (columns).
+        titles: one row title per image.
+    Returns:
+        a matplotlib Figure with N rows and len(blocks) + 1 columns.
+    """
+    from captum.attr import LayerAttribution
+    from captum.attr import visualization as viz
+
+    n, cols = scores.shape[0], len(blocks) + 1
+    fig = Figure(figsize=(1.9 * cols, 1.9 * n))
+    h, w = grid
+    size = tuple(images.shape[-2:])
+    for i in range(n):
+        img = to_hwc_image(images[i], mean, std)
+        ax = fig.add_subplot(n, cols, i * cols + 1)
+        ax.imshow(img)
+        ax.set_axis_off()
+        ax.set_title(titles[i] if titles else "", fontsize=7)
+        for j, b in enumerate(blocks):
+            tok = scores[i, b, num_prefix_tokens:].reshape(1, 1, h, w).float()
+            up = LayerAttribution.interpolate(tok, size, "nearest")[0, 0].numpy()
+            ax = fig.add_subplot(n, cols, i * cols + j + 2)
+            # outlier_perc=0: Captum scales each panel by its maximum score (no clipping).
+            viz.visualize_image_attr(up[..., None], img, method="blended_heat_map", sign="positive",
+                                     plt_fig_axis=(fig, ax), use_pyplot=False, outlier_perc=0, alpha_overlay=0.6)  # fmt: skip
+            ax.set_title(f"block {b + 1}" if i == 0 else "", fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,146 @@
+"""`clsemb report` end to end on a handful of bundled images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from captum_clsemb.attr import BlockwiseIdentifiability
+from captum_clsemb.cli.main import main
+from captum_clsemb.demo import DEMO_IMAGES_DIR, demo_transform, load_demo_config, load_demo_model
+
+CLASSES = ["cat", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """3 classes x 2 bundled images, plus a grayscale copy and a corrupt file."""
+    root = tmp_path_factory.mktemp("imgs")
+    for c in CLASSES:
+        (root / c).mkdir()
+        for f in sorted((DEMO_IMAGES_DIR / c).iterdir())[:2]:
+            shutil.copy(f, root / c / f.name)
+    first = sorted((DEMO_IMAGES_DIR / "cat").iterdir())[2]
+    Image.open(first).convert("L").save(root / "cat" / "gray.png")
+    (root / "ship" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+def _run(args: list[str]) -> int:
+    return main(["report", "--no-progress", "--batch-size", "3", *args])
+
+
+def test_report_end_to_end(image_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "rep"
+    assert _run(["--images", str(image_dir), "--out", str(out)]) == 0
+    assert {"report.html", "report.json", "identifiability_curves.png", "token_maps.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    data = json.loads((out / "report.json").read_text())
+    assert [Path(s["file"]).name for s in data["skipped_files"]] == ["broken.jpg"]
+    sec = data["sections"]["class_identifiability_across_blocks"]
+    assert sec["num_images"] == 7  # 6 + grayscale; the corrupt file is skipped
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "broken.jpg" in html
+    assert "skipped 1 unreadable" in capsys.readouterr().out
+
+    # Independent computation of the same numbers with the library on the same pixels.
+    model, cfg, tf = load_demo_model("timm"), load_demo_config(), demo_transform()
+    files = [f for c in CLASSES for f in sorted((image_dir / c).iterdir()) if f.name != "broken.jpg"]
+    x = torch.stack([tf(Image.open(f)) for f in files])
+    y = torch.tensor([cfg["class_names"].index(f.parent.name) for f in files])
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    bi = BlockwiseIdentifiability(model)
+    scores = bi.attribute(x, target=y)
+    assert sec["top1_accuracy"] == pytest.approx(acc)
+    assert sec["identifiability_rate_last_block_percent"] == pytest.approx(
+        bi.identifiability_rate(scores).item()
+    )
+    assert sec["images_with_identifiable_token_percent"] == pytest.approx(
+        bi.images_with_identifiable_token(scores).item()
+    )
+    curves = bi.mean_identifiability(scores)
+    assert sec["mean_identifiability_per_block"]["image tokens"] == pytest.approx(
+        curves["image"].tolist(), abs=1e-6
+    )
+    assert sec["mean_identifiability_per_block"]["class token"] == pytest.approx(
+        curves["cls"].tolist(), abs=1e-6
+    )
+
+
+def test_timm_and_hf_twins_give_the_same_report_numbers(image_dir: Path, tmp_path: Path) -> None:
+    hf_dir = tmp_path / "hf_model"
+    load_demo_model("hf").save_pretrained(hf_dir)
+    cfg = load_demo_config()
+    (hf_dir / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": cfg["mean"], "image_std": cfg["std"]})
+    )
+    assert _run(["--images", str(image_dir), "--out", str(tmp_path / "a")]) == 0
+    assert _run(["--model", str(hf_dir), "--images", str(image_dir), "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "report.json").read_text())["sections"]
+    b = json.loads((tmp_path / "b" / "report.json").read_text())["sections"]
+    _assert_close_nested(a, b)
+
+
+def _assert_close_nested(a: object, b: object) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for k in a:
+            _assert_close_nested(a[k], b[k])
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b)
+        for u, v in zip(a, b):
+            _assert_close_nested(u, v)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-6)
+    else:
+        assert a == b
+
+
+def test_labels_csv_and_max_images(image_dir: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,label\ncat/gray.png,cat\nship/broken.jpg,8\n" + "".join(
+        f"{c}/{f.name},{c}\n" for c in CLASSES for f in sorted((image_dir / c).iterdir()) if f.suffix == ".jpg"
+        and f.name != "broken.jpg"))  # fmt: skip
+    assert (
+        _run(
+            [
+                "--images",
+                str(image_dir),
+                "--labels",
+                str(csv),
+                "--out",
+                str(tmp_path / "r"),
+                "--max-images",
+                "4",
+            ]
+        )
+        == 0
+    )
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert data["sections"]["class_identifiability_across_blocks"]["num_images"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--images", "/nonexistent/folder"], "image folder not found"),
+        (["--model", "timm:not_a_model"], "unknown timm model name"),
+        (["--model", "resnet"], "unknown model 'resnet'"),
+        (["--model", "timm:vit_tiny_patch16_224", "--checkpoint", "CKPT"], "does not fit timm model"),
+    ],
+)
+def test_clear_one_line_errors(args: list[str], message: str, tmp_path: Path, capsys) -> None:
+    if "CKPT" in args:
+        ckpt = tmp_path / "demo.pt"
+        torch.save(load_demo_model("timm").state_dict(), ckpt)
+        args = [str(ckpt) if a == "CKPT" else a for a in args]
+    assert _run([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
