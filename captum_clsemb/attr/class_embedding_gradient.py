@@ -1,0 +1,236 @@
+"""Block- and head-specific class-embedding gradients (Vilas et al., NeurIPS 2023, Sec. 7)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import torch
+from captum.attr import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from captum_clsemb.adapters import ModelAdapter, adapt
+from captum_clsemb.adapters.base import BlockParts
+from captum_clsemb.attr._explanation_utils import (
+    MultiTargetType,
+    batch_slices,
+    check_batch_size,
+    check_interpolate_to,
+    format_targets,
+    require_class_token,
+    select_indices,
+    upsample,
+)
+from captum_clsemb.errors import InputValidationError
+from captum_clsemb.trace import run_block
+
+RETURN_PER = ("global", "block", "head")
+SOURCES = ("resid", "attn")
+
+
+class ClassEmbeddingGradient(GradientAttribution):
+    r"""How much more attention from the class token to each image token would raise the
+    class-token's representation of a class, at every block and head (paper Sec. 7).
+
+    For block :math:`b`, the class token's state is projected onto the class embedding
+    space through the model's own classification path (the adapter's lens
+    :meth:`~captum_clsemb.adapters.ModelAdapter.project`: final norm, then the head with
+    its bias) and scored by the cross-entropy of the target class :math:`c`:
+
+    .. math::
+        \ell_b = -\log \operatorname{softmax}\big(\mathrm{lens}(x^b_{cls})\big)_c ,
+        \qquad
+        \mathrm{attr}_{b,h,j} = -\frac{\partial \ell_b}{\partial A_b[h, cls, j]}
+
+    for image tokens :math:`j` (class, distillation and register tokens are excluded), with
+    :math:`A_b` block :math:`b`'s post-softmax attention probabilities. Positive values mark
+    tokens to which more attention would lower the loss, i.e. increase the class.
+
+    ``source`` chooses the state :math:`x^b_{cls}`:
+
+    - ``"resid"`` (default, the paper's definition): the class token's residual stream after
+      block :math:`b` (``resid_post``).
+    - ``"attn"``: the attention sub-layer's output at the class token, as added to the
+      residual (``attn_out``, incl. layer scale). This is what the authors' code
+      (``vit_edited.Block.attn_cls``) projects.
+
+    Differences from the authors' code: a single log-softmax (their loss applies softmax
+    twice: ``CrossEntropyLoss(softmax(logits))``), and one batched pass instead of one
+    backward per token, block and image.
+
+    **How one pass gives every block and head.** :math:`\ell_b` depends on :math:`A_b` only
+    through the class-token row of :math:`A_b` (nothing after the attention mixes tokens
+    within a block), so the local gradient of :math:`\ell_b` with respect to that row equals
+    the full-graph gradient. One no-grad forward stores, for each block, the class-token
+    attention row, the values ``V`` and the class token's residual state; then each block's
+    class-token path (attention-weighted values -> output projection -> residual -> MLP ->
+    residual -> lens -> cross-entropy) is recomputed for that single token from those
+    detached tensors, with the row as a leaf. One ``torch.autograd.grad`` of
+    :math:`\sum_b \ell_b` returns every block's row gradient
+    (:math:`\partial \ell_b / \partial A_b[h,cls,j] = g^h_b \cdot v^h_{b,j}`). The cost is
+    about one forward pass plus a per-block computation on one token. Parameters' ``.grad``
+    are never touched.
+
+    Models without a class token (global average pooling) raise
+    :class:`~captum_clsemb.errors.InputValidationError`: the method explains the class
+    token. For DeiT-distilled models the class token is projected through the class head
+    (``adapter.project(head="cls")``); ``target=None`` still uses the model's prediction.
+
+    Args:
+        forward_func: a supported timm or Hugging Face ViT (or its adapter).
+
+    Examples::
+
+        >>> import timm
+        >>> from captum_clsemb.attr.class_embedding_gradient import ClassEmbeddingGradient
+        >>> model = timm.create_model("vit_base_patch32_224", pretrained=False).eval()
+        >>> ceg = ClassEmbeddingGradient(model)
+        >>> ceg.attribute(images, target=labels).shape                  # (N, 1, 7, 7)
+        >>> ceg.attribute(images, target=labels, return_per="head").shape  # (N, 12, 12, 7, 7)
+        >>> ceg.attribute(images, target=[[1, 2], [3, 4]]).shape          # (2, 2, 1, 7, 7): K=2
+        >>> ceg.attribute(images, interpolate_to=(224, 224)).shape        # (N, 1, 224, 224)
+    """
+
+    def __init__(self, forward_func: nn.Module | ModelAdapter) -> None:
+        self.adapter = adapt(forward_func)
+        GradientAttribution.__init__(self, self.adapter.model)
+
+    @log_usage(part_of_slo=True)
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: MultiTargetType = None,
+        return_per: str = "global",
+        blocks: int | Iterable[int] | None = None,
+        heads: int | Iterable[int] | None = None,
+        source: str = "resid",
+        interpolate_to: Sequence[int] | None = None,
+        internal_batch_size: int | None = None,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs: images (N, C, H, W) preprocessed for the model.
+            target: class(es) to explain.
+
+                - One class per image, in Captum's forms: an int (all images), a list of N
+                  ints, a 0-d or 1-D tensor of length N; None uses the model's predicted
+                  class.
+                - Several classes per image: a 2-D integer tensor (N, K) or a list of N
+                  lists of K ints. The output then has a K dimension after N.
+            return_per: ``"global"`` sums over the selected blocks and heads (the paper's
+                global relevancy map :math:`\sum_b \nabla \ell^b`); ``"block"`` sums over
+                the selected heads only; ``"head"`` keeps blocks and heads. Default:
+                ``"global"``.
+            blocks: blocks to include (int or ints, negatives count from the end, in the
+                order given). Default: all.
+            heads: heads to include. Default: all.
+            source: ``"resid"`` (the block's residual output, the paper) or ``"attn"``
+                (the attention sub-layer output, the authors' code). Default: ``"resid"``.
+            interpolate_to: (H, W) to upsample the maps to bilinearly with
+                ``captum.attr.LayerAttribution.interpolate``, e.g. ``inputs.shape[-2:]``.
+                Default: None (patch grid).
+            internal_batch_size: split the batch into chunks of this many images.
+        Returns:
+            *Tensor* of attributions over the patch grid (h, w) = ``adapter.grid_size``
+            (or ``interpolate_to``), with B = number of selected blocks and H = number of
+            selected heads:
+
+            ============  ==================  =====================
+            return_per    one target          K targets per image
+            ============  ==================  =====================
+            ``global``    (N, 1, h, w)        (N, K, 1, h, w)
+            ``block``     (N, B, h, w)        (N, K, B, h, w)
+            ``head``      (N, B, H, h, w)     (N, K, B, H, h, w)
+            ============  ==================  =====================
+        """
+        adapter = self.adapter
+        x = adapter.check_inputs(inputs)
+        cls = require_class_token(adapter, type(self).__name__)
+        if return_per not in RETURN_PER:
+            raise InputValidationError(f"return_per must be one of {RETURN_PER}, got {return_per!r}")
+        if source not in SOURCES:
+            raise InputValidationError(
+                f"source must be 'resid' (block output, the paper) or 'attn' (attention output, the "
+                f"authors' code), got {source!r}"
+            )
+        block_ids = select_indices(blocks, adapter.num_blocks, "blocks")
+        head_ids = select_indices(heads, adapter.num_heads, "heads")
+        size = check_interpolate_to(interpolate_to)
+        check_batch_size(internal_batch_size)
+        n = x.shape[0]
+        tgt, multi = format_targets(target, n, adapter.num_classes, x.device)
+
+        chunks = [
+            self._attribute_batch(x[sl], None if tgt is None else tgt[sl], block_ids, cls, source)
+            for sl in batch_slices(n, internal_batch_size)
+        ]
+        attr = torch.cat(chunks, 0)  # (N, K, B_sel, heads, P)
+        if len(head_ids) != adapter.num_heads:
+            attr = attr[:, :, :, head_ids]
+        gh, gw = adapter.grid_size
+        attr = attr.reshape(*attr.shape[:-1], gh, gw)
+        if return_per == "global":
+            attr = attr.sum(dim=(2, 3)).unsqueeze(2)
+        elif return_per == "block":
+            attr = attr.sum(dim=3)
+        if not multi:
+            attr = attr.squeeze(1)
+        return upsample(attr, size)
+
+    def _attribute_batch(
+        self, x: Tensor, target: Tensor | None, block_ids: list[int], cls: int, source: str
+    ) -> Tensor:
+        r"""(n, K, len(block_ids), heads, num_patches) attributions for one chunk."""
+        adapter = self.adapter
+        wanted = set(block_ids)
+        kinds = frozenset({"attn_probs"})
+        # With a given target the forward can stop after the last selected block; the
+        # predicted class needs the logits of the full pass.
+        last = adapter.num_blocks - 1 if target is None else max(block_ids)
+        saved: dict[int, tuple[Tensor, Tensor, Tensor, BlockParts]] = {}
+        with adapter.eval_mode(), torch.no_grad():
+            h = adapter.embed(x)
+            for b in range(last + 1):
+                parts = adapter.block(b)
+                if b not in wanted:
+                    h, _ = run_block(parts, h, b, frozenset())
+                    continue
+                captured: dict[str, Tensor] = {}
+
+                def qkv(inp: Tensor, _qkv=parts.qkv, _cap=captured) -> tuple[Tensor, Tensor, Tensor]:
+                    q, k, v = _qkv(inp)
+                    _cap["v"] = v
+                    return q, k, v
+
+                h_out, acts = run_block(dataclasses.replace(parts, qkv=qkv), h, b, kinds)
+                # Copies, so that the full (T x T) attention and the qkv output are freed.
+                row = acts["attn_probs"][:, :, cls].clone()  # (n, heads, T)
+                saved[b] = (h[:, cls].clone(), row, captured["v"].contiguous(), parts)
+                h = h_out
+            if target is None:
+                target = adapter.classify(h).argmax(-1, keepdim=True)  # (n, 1)
+
+        k = target.shape[1]
+        leaves: list[Tensor] = []
+        with torch.enable_grad():
+            total = None
+            for b in block_ids:
+                resid_cls, row, v, parts = saved[b]
+                leaf = row.unsqueeze(1).expand(-1, k, -1, -1).clone().requires_grad_(True)
+                z = torch.einsum("nkht,nhtd->nkhd", leaf, v).flatten(2)  # (n, K, heads*head_dim)
+                state = parts.attn_post(parts.proj(parts.attn_out_norm(z)))
+                if source == "resid":
+                    mid = resid_cls.unsqueeze(1) + state
+                    mlp = parts.mlp_post(
+                        parts.fc2(parts.mlp_mid_norm(parts.act(parts.fc1(parts.norm2(mid)))))
+                    )
+                    state = mid + mlp
+                logp = adapter.project(state).log_softmax(-1)  # (n, K, C)
+                loss = -logp.gather(-1, target.unsqueeze(-1)).sum()
+                total = loss if total is None else total + loss
+                leaves.append(leaf)
+            grads = torch.autograd.grad(total, leaves)
+        p = adapter.num_prefix_tokens
+        # attribution = -d loss / d A[h, cls, j], image tokens only
+        return -torch.stack([g[..., p:] for g in grads], dim=2)
