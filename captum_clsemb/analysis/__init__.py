@@ -1,0 +1,46 @@
+r"""Mechanistic analyses in class embedding space (paper Sec. 5 and 6).
+
+- :class:`ValueVectorProjector`: value vectors of attention and MLP sub-layers projected on
+  the class embedding: class-value agreement (vs a random init), top classes per memory,
+  key-value agreement per token and per dataset, compositionality.
+- :func:`class_similarity_change_rate`: how attention and MLP raise the target logit.
+- :func:`residual_match_rate`: which component's top-1 class the residual stream keeps.
+- :func:`identifiability_summary`: dataset-level identifiability curves (Fig. 2).
+- Perturbations: :func:`attention_edit_effect`, :func:`token_group_removal_effect`,
+  :func:`class_context_identifiability`, :func:`patch_labels_from_mask`,
+  :func:`make_composite_images`.
+
+Dataset-level functions take an image tensor (with ``target``/``masks``) or an iterable of
+``(images, labels[, masks])`` batches such as a DataLoader, and keep only per-block sums.
+"""
+
+from captum_clsemb.analysis.class_building import class_similarity_change, class_similarity_change_rate
+from captum_clsemb.analysis.identifiability import identifiability_summary
+from captum_clsemb.analysis.perturbation import (
+    attention_edit_effect,
+    class_context_identifiability,
+    make_composite_images,
+    patch_coverage,
+    patch_labels_from_mask,
+    token_group_removal_effect,
+)
+from captum_clsemb.analysis.residual_match import CATEGORIES as RESIDUAL_MATCH_CATEGORIES
+from captum_clsemb.analysis.residual_match import residual_match, residual_match_rate
+from captum_clsemb.analysis.value_vectors import ClassScore, ValueVectorProjector
+
+__all__ = [
+    "ValueVectorProjector",
+    "ClassScore",
+    "class_similarity_change",
+    "class_similarity_change_rate",
+    "residual_match",
+    "residual_match_rate",
+    "RESIDUAL_MATCH_CATEGORIES",
+    "identifiability_summary",
+    "attention_edit_effect",
+    "class_context_identifiability",
+    "token_group_removal_effect",
+    "patch_coverage",
+    "patch_labels_from_mask",
+    "make_composite_images",
+]

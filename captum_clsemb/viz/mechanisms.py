@@ -1,0 +1,300 @@
+r"""Plots of the mechanistic analyses (paper Figs. 2, 3 and 4), returning matplotlib Figures.
+
+Every function takes the dictionaries returned by :mod:`captum_clsemb.analysis` (tensors or
+arrays), draws on a new :class:`matplotlib.figure.Figure` (no pyplot state, so it works
+headless) or on a given ``ax``, and returns the Figure. Blocks are numbered from 1 on the
+x axis, as in the paper.
+
+Examples::
+
+    >>> from captum_clsemb.analysis import class_similarity_change_rate
+    >>> from captum_clsemb.viz.mechanisms import plot_class_similarity_change
+    >>> fig = plot_class_similarity_change(class_similarity_change_rate(model, loader))
+    >>> fig.savefig("fig3b.png")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from captum_clsemb.errors import InputValidationError
+
+_LAYER_COLORS = {"attn": "tab:orange", "mlp": "tab:blue"}
+_GROUP_STYLES = {"cls": "-", "image": "--", "all": ":"}
+_MATCH_COLORS = {"attn": "tab:orange", "mlp": "tab:blue", "residual": "tab:gray", "composite": "tab:green"}
+
+
+def _np(values: object) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()  # type: ignore[union-attr]
+    return np.asarray(values, dtype=float)
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float] = (5.0, 3.5)) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax  # type: ignore[return-value]
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _block_axis(ax: Axes) -> None:
+    ax.set_xlabel("block")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _blocks(n: int) -> np.ndarray:
+    return np.arange(1, n + 1)
+
+
+def _pick_stat(curves: Mapping, stat: str) -> Mapping:
+    """Accept either {group: values} or a summary {"mean": {...}, "rate": {...}}."""
+    if stat in curves and isinstance(curves[stat], Mapping):
+        return curves[stat]
+    return curves
+
+
+def plot_identifiability_curves(
+    curves: Mapping,
+    baseline: Mapping | None = None,
+    stat: str = "mean",
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Figure:
+    r"""Identifiability per block for the class token and image tokens (Fig. 2).
+
+    Args:
+        curves: ``{"cls": (blocks,), "image": (blocks,)}`` (e.g.
+            :func:`~captum_clsemb.attr.mean_identifiability`), or the summary of
+            :func:`~captum_clsemb.analysis.identifiability_summary`, read at ``stat``.
+        baseline: the same for a random-init model, drawn dashed in gray. Optional.
+        stat: ``"mean"`` (scores, default) or ``"rate"`` (percent), for summaries.
+        ax: axes to draw on. Default: a new figure.
+        title: optional title.
+    Returns:
+        the Figure.
+    """
+    fig, ax = _axes(ax)
+    for group, values in _pick_stat(curves, stat).items():
+        v = _np(values)
+        ax.plot(_blocks(len(v)), v, marker="o", label=f"{group} tokens")
+    if baseline is not None:
+        for group, values in _pick_stat(baseline, stat).items():
+            v = _np(values)
+            ax.plot(_blocks(len(v)), v, color="gray", linestyle="--", label=f"{group} tokens (random init)")
+    _block_axis(ax)
+    ax.set_ylabel("identifiability rate (%)" if stat == "rate" else "mean identifiability")
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_class_context(
+    result: Mapping, stat: str = "mean", ax: Axes | None = None, title: str | None = None
+) -> Figure:
+    r"""Identifiability of class- vs context-labelled tokens per block (Fig. 3a).
+
+    Args:
+        result: output of :func:`~captum_clsemb.analysis.class_context_identifiability`.
+        stat: ``"mean"`` (default) or ``"rate"``.
+        ax, title: see :func:`plot_identifiability_curves`.
+    Returns:
+        the Figure.
+    """
+    if stat not in ("mean", "rate"):
+        raise InputValidationError(f"stat must be 'mean' or 'rate', got {stat!r}")
+    fig, ax = _axes(ax)
+    for group, color in (("class", "tab:red"), ("context", "tab:purple")):
+        v = _np(result[group][stat])
+        ax.plot(_blocks(len(v)), v, marker="o", color=color, label=f"{group}-labelled tokens")
+    _block_axis(ax)
+    ax.set_ylabel("identifiability rate (%)" if stat == "rate" else "mean identifiability")
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_class_similarity_change(rates: Mapping, ax: Axes | None = None, title: str | None = None) -> Figure:
+    r"""Class similarity change rate of attention and MLP sub-layers per block (Fig. 3b).
+
+    Args:
+        rates: output of :func:`~captum_clsemb.analysis.class_similarity_change_rate`,
+            ``{"attn": {"cls", "image"}, "mlp": {...}}``.
+        ax, title: see :func:`plot_identifiability_curves`.
+    Returns:
+        the Figure; one line per layer and token group, a dotted line at 50 % (chance).
+    """
+    fig, ax = _axes(ax)
+    n = 0
+    for layer, groups in rates.items():
+        for group, values in groups.items():
+            v = _np(values)
+            n = len(v)
+            ax.plot(_blocks(n), v, marker="o", color=_LAYER_COLORS.get(layer), linestyle=_GROUP_STYLES.get(group, "-"),
+                    label=f"{layer}, {group} tokens")  # fmt: skip
+    ax.axhline(50.0, color="black", linewidth=0.8, linestyle=":")
+    _block_axis(ax)
+    ax.set_ylabel("class similarity change rate (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_residual_match(
+    match: Mapping, group: str = "all", ax: Axes | None = None, title: str | None = None
+) -> Figure:
+    r"""Stacked bars: share of tokens whose residual top-1 matches each component (Fig. 3c).
+
+    Args:
+        match: output of :func:`~captum_clsemb.analysis.residual_match_rate` (exclusive
+            categories, so bars reach 100 %), or one group of it ``{category: (blocks,)}``.
+        group: token group to draw when ``match`` holds several. Default: ``"all"``.
+        ax, title: see :func:`plot_identifiability_curves`.
+    Returns:
+        the Figure.
+    """
+    shares = match[group] if group in match and isinstance(match[group], Mapping) else match
+    fig, ax = _axes(ax)
+    bottom = None
+    for category, values in shares.items():
+        v = _np(values)
+        x = _blocks(len(v))
+        bottom = np.zeros_like(v) if bottom is None else bottom
+        ax.bar(x, v, bottom=bottom, color=_MATCH_COLORS.get(category), label=category)
+        bottom = bottom + v
+    _block_axis(ax)
+    ax.set_ylabel("tokens (%)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_class_value_agreement(
+    agreement: Mapping | object,
+    baseline: Mapping | object | None = None,
+    layers: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    r"""Class-value agreement per block, trained vs random init, as box plots (Fig. 4a).
+
+    Args:
+        agreement: ``{layer: (blocks, classes)}`` from
+            :meth:`~captum_clsemb.analysis.ValueVectorProjector.class_value_agreement`
+            (e.g. ``{"attn": ..., "mlp": ...}``), or one (blocks, classes) array.
+        baseline: the same for a random-init model (``vvp.random_baseline()``). Optional.
+        layers: order of the layers (one panel each). Default: the mapping's order.
+        title: optional figure title.
+    Returns:
+        the Figure with one panel per layer; per block, a box over classes for the trained
+        model (colour) and, if given, the random model (gray) to its right.
+    """
+    if not isinstance(agreement, Mapping):
+        agreement = {"": agreement}
+        baseline = None if baseline is None else {"": baseline}
+    layers = list(layers) if layers is not None else list(agreement)
+    fig = Figure(figsize=(5.0 * len(layers), 3.5), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for ax, layer in zip(axes, layers):
+        trained = _np(agreement[layer])
+        x = _blocks(trained.shape[0])
+        offset = 0.0 if baseline is None else 0.2
+        box = ax.boxplot(
+            list(trained),
+            positions=x - offset,
+            widths=0.35,
+            patch_artist=True,
+            showfliers=False,
+            medianprops={"color": "black", "gid": "median"},
+        )
+        for patch in box["boxes"]:
+            patch.set_facecolor(_LAYER_COLORS.get(layer, "tab:blue"))
+        handles, labels = [box["boxes"][0]], ["trained"]
+        if baseline is not None:
+            rand = _np(baseline[layer])
+            rbox = ax.boxplot(
+                list(rand),
+                positions=x + offset,
+                widths=0.35,
+                patch_artist=True,
+                showfliers=False,
+                medianprops={"color": "black", "gid": "median"},
+            )
+            for patch in rbox["boxes"]:
+                patch.set_facecolor("lightgray")
+            handles.append(rbox["boxes"][0])
+            labels.append("random init")
+        ax.set_xticks(x, [str(i) for i in x])
+        ax.set_xlabel("block")  # fixed ticks at the box positions
+        ax.set_ylabel("class-value agreement (max cosine)")
+        if layer:
+            ax.set_title(layer)
+        ax.legend(handles, labels, fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_key_value_agreement(
+    rates: Mapping, groups: Sequence[str] = ("image", "cls"), split: bool = False, ax: Axes | None = None,
+    title: str | None = None,
+) -> Figure:  # fmt: skip
+    r"""Key-value agreement rate per block for attention and MLP (Fig. 4b).
+
+    Args:
+        rates: ``{layer: rates}`` with ``rates`` from
+            :meth:`~captum_clsemb.analysis.ValueVectorProjector.key_value_agreement_rate`,
+            e.g. ``{"attn": vvp.key_value_agreement_rate(loader, layer="attn"), "mlp": ...}``.
+        groups: token groups to draw (``"image"``, ``"cls"``, ``"all"``), if present.
+        split: draw correctly and wrongly classified images separately (solid / dotted).
+        ax, title: see :func:`plot_identifiability_curves`.
+    Returns:
+        the Figure.
+    """
+    fig, ax = _axes(ax)
+    for layer, r in rates.items():
+        for group in groups:
+            keys = (
+                [(f"{group}_correct", "correct", "-"), (f"{group}_incorrect", "misclassified", ":")]
+                if split
+                else [(group, "", "-")]
+            )
+            for key, suffix, style in keys:
+                if key not in r:
+                    continue
+                v = _np(r[key])
+                marker = "o" if group != "cls" else "s"
+                label = f"{layer}, {group} tokens" + (f", {suffix}" if suffix else "")
+                ax.plot(
+                    _blocks(len(v)),
+                    v,
+                    marker=marker,
+                    color=_LAYER_COLORS.get(layer),
+                    linestyle=style,
+                    label=label,
+                )
+    _block_axis(ax)
+    ax.set_ylabel("key-value agreement rate (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+__all__ = [
+    "plot_identifiability_curves",
+    "plot_class_context",
+    "plot_class_similarity_change",
+    "plot_residual_match",
+    "plot_class_value_agreement",
+    "plot_key_value_agreement",
+]

@@ -1,0 +1,107 @@
+"""The mechanism plots draw exactly the values they are given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from captum_clsemb.errors import InputValidationError
+from captum_clsemb.viz.mechanisms import (
+    plot_class_context,
+    plot_class_similarity_change,
+    plot_class_value_agreement,
+    plot_identifiability_curves,
+    plot_key_value_agreement,
+    plot_residual_match,
+)
+
+B = 4
+G = torch.Generator().manual_seed(0)
+
+
+def rand(*shape: int) -> torch.Tensor:
+    return torch.rand(*shape, generator=G, dtype=torch.float64)
+
+
+def lines_by_label(fig: Figure) -> dict[str, np.ndarray]:
+    return {
+        ln.get_label(): np.asarray(ln.get_ydata())
+        for ax in fig.axes
+        for ln in ax.get_lines()
+        if not ln.get_label().startswith("_")
+    }
+
+
+def test_identifiability_curves_with_baseline_and_summary() -> None:
+    curves = {"cls": rand(B), "image": rand(B)}
+    base = {"cls": rand(B), "image": rand(B)}
+    fig = plot_identifiability_curves(curves, baseline=base)
+    assert isinstance(fig, Figure)
+    lines = lines_by_label(fig)
+    np.testing.assert_allclose(lines["cls tokens"], curves["cls"].numpy())
+    np.testing.assert_allclose(lines["image tokens (random init)"], base["image"].numpy())
+    x = fig.axes[0].get_lines()[0].get_xdata()
+    np.testing.assert_array_equal(x, np.arange(1, B + 1))
+    summary = {"mean": curves, "rate": {"cls": 100 * rand(B), "image": 100 * rand(B)}}
+    lines = lines_by_label(plot_identifiability_curves(summary, stat="rate"))
+    np.testing.assert_allclose(lines["image tokens"], summary["rate"]["image"].numpy())
+
+
+def test_class_context_and_change_rates() -> None:
+    res = {"class": {"mean": rand(B), "rate": rand(B)}, "context": {"mean": rand(B), "rate": rand(B)}}
+    lines = lines_by_label(plot_class_context(res, stat="rate"))
+    np.testing.assert_allclose(lines["context-labelled tokens"], res["context"]["rate"].numpy())
+    with pytest.raises(InputValidationError):
+        plot_class_context(res, stat="median")
+    rates = {
+        "attn": {"cls": 100 * rand(B), "image": 100 * rand(B)},
+        "mlp": {"cls": 100 * rand(B), "image": 100 * rand(B)},
+    }
+    fig = plot_class_similarity_change(rates)
+    lines = lines_by_label(fig)
+    assert len(lines) == 4
+    np.testing.assert_allclose(lines["mlp, image tokens"], rates["mlp"]["image"].numpy())
+
+
+def test_residual_match_bars_stack_to_totals() -> None:
+    shares = rand(4, B)
+    shares = 100 * shares / shares.sum(0)
+    match = {"all": dict(zip(("attn", "mlp", "residual", "composite"), shares)), "cls": {}}
+    fig = plot_residual_match(match, group="all")
+    bars = fig.axes[0].patches
+    assert len(bars) == 4 * B
+    tops = np.zeros(B)
+    for i, rect in enumerate(bars):
+        tops[i % B] = max(tops[i % B], rect.get_y() + rect.get_height())
+        np.testing.assert_allclose(rect.get_height(), shares[i // B, i % B].item())
+    np.testing.assert_allclose(tops, 100.0)
+
+
+def test_class_value_agreement_boxes_and_key_value_lines() -> None:
+    trained = {"attn": rand(B, 10), "mlp": rand(B, 10)}
+    random = {"attn": rand(B, 10), "mlp": rand(B, 10)}
+    fig = plot_class_value_agreement(trained, random)
+    assert len(fig.axes) == 2 and [ax.get_title() for ax in fig.axes] == ["attn", "mlp"]
+    medians = [ln for ln in fig.axes[1].get_lines() if ln.get_gid() == "median"]
+    got = sorted(float(ln.get_ydata()[0]) for ln in medians)
+    want = sorted(
+        np.median(trained["mlp"].numpy(), 1).tolist() + np.median(random["mlp"].numpy(), 1).tolist()
+    )
+    np.testing.assert_allclose(got, want)
+    assert len(plot_class_value_agreement(trained["mlp"]).axes) == 1
+    rates = {
+        layer: {
+            k: 100 * rand(B)
+            for k in ("image", "cls", "image_correct", "image_incorrect", "cls_correct", "cls_incorrect")
+        }
+        for layer in ("attn", "mlp")
+    }
+    lines = lines_by_label(plot_key_value_agreement(rates))
+    assert set(lines) == {"attn, image tokens", "attn, cls tokens", "mlp, image tokens", "mlp, cls tokens"}
+    np.testing.assert_allclose(lines["attn, cls tokens"], rates["attn"]["cls"].numpy())
+    lines = lines_by_label(plot_key_value_agreement(rates, groups=("image",), split=True))
+    np.testing.assert_allclose(
+        lines["mlp, image tokens, misclassified"], rates["mlp"]["image_incorrect"].numpy()
+    )
