@@ -202,6 +202,41 @@ def _from_csv(root: Path, csv_path: Path, class_names: list[str] | None) -> Imag
     return ImageSet(files, labels, class_names)
 
 
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Map-style dataset over an :class:`ImageSet`; unreadable files yield ``None`` (skipped by :func:`collate`)."""
+
+    def __init__(self, images: ImageSet, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor | None, int, str, str]:
+        f, lab = self.images.files[i], self.images.labels[i]
+        try:
+            with Image.open(f) as img:
+                img.load()
+                x = self.transform(img)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            return None, -1, str(f), str(e).splitlines()[0] if str(e) else type(e).__name__
+        return x, -1 if lab is None else lab, str(f), ""
+
+
+def collate(items: list) -> tuple[Tensor | None, Tensor, list[Path], list[tuple[str, str]]]:
+    """Stack readable images; return (pixels or None, labels, paths, skipped (file, reason))."""
+    ok = [it for it in items if it[0] is not None]
+    skipped = [(it[2], it[3]) for it in items if it[0] is None]
+    if not ok:
+        return None, torch.zeros(0, dtype=torch.long), [], skipped
+    return (
+        torch.stack([it[0] for it in ok]),
+        torch.tensor([it[1] for it in ok]),
+        [Path(it[2]) for it in ok],
+        skipped,
+    )
+
+
 def iter_batches(
     images: ImageSet,
     transform: Callable[[Image.Image], Tensor],

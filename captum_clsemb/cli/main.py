@@ -28,9 +28,33 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="clsemb-report", help="output folder (default: clsemb-report)")
     rep.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     rep.add_argument("--batch-size", type=int, default=64)
-    rep.add_argument("--max-images", type=int, default=None, help="use at most this many images")
+    rep.add_argument("--max-images", type=int, default=None, help="use only the first N image files (unreadable ones among them are skipped)")
+    rep.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader worker processes for image decoding"
+    )
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    rep.add_argument("--distributed", action="store_true",
+                     help="init torch.distributed from the torchrun environment (gloo on CPU, nccl on CUDA); "
+                          "each rank processes a shard, rank 0 writes")  # fmt: skip
     return parser
+
+
+def _init_distributed(device: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        from captum_clsemb.cli.loading import CLIError
+
+        raise CLIError(
+            "--distributed needs the torchrun environment: torchrun --nproc_per_node=K -m captum_clsemb ..."
+        )
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,11 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.batch_size < 1:
                 raise CLIError("--batch-size must be at least 1")
+            if args.distributed:
+                _init_distributed(args.device)
             data = run_report(
                 model=args.model, checkpoint=args.checkpoint, images=args.images, labels=args.labels, out=args.out,
                 device=args.device, batch_size=args.batch_size, max_images=args.max_images,
-                progress=not args.no_progress,
+                progress=not args.no_progress, num_workers=args.num_workers,
             )  # fmt: skip
+            if not data:  # a non-zero rank of a distributed run
+                return 0
             ident = data["sections"].get("class_identifiability_across_blocks", {})
             acc = ident.get("top1_accuracy")
             print(f"report written to {args.out}/report.html (figures *.png, numbers report.json)")

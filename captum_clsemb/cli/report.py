@@ -6,20 +6,30 @@ import base64
 import html
 import io
 import json
-import math
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from captum_clsemb.adapters import ModelAdapter, adapt
-from captum_clsemb.attr.blockwise_identifiability import identifiability_scores
-from captum_clsemb.cli.loading import CLIError, ImageSet, LoadedModel, find_images, iter_batches, load_model
-from captum_clsemb.trace import trace
+from captum_clsemb.cli.loading import (
+    CLIError,
+    ImageFileDataset,
+    ImageSet,
+    LoadedModel,
+    collate,
+    find_images,
+    load_model,
+)
+from captum_clsemb.stream import IdentifiabilityAccumulator, ShardSampler, score_batch, world
 from captum_clsemb.viz.identifiability import plot_identifiability_curves, plot_token_maps
+
+log = logging.getLogger("captum_clsemb")
 
 
 @dataclass
@@ -41,26 +51,41 @@ class ReportContext:
     batch_size: int
     max_images: int | None
     progress: bool
-    # the first images of the run, kept for per-image figures
+    num_workers: int = 0
+    # evenly spaced images of the run, kept for per-image figures
     sample_images: Tensor | None = None
     sample_labels: Tensor | None = None
     sample_paths: list[Path] = field(default_factory=list)
     num_sample_images: int = 6
 
-    def batches(self, desc: str):
-        """Stream (pixels, targets, labels, paths) over the image set; targets = label, or prediction if unknown."""
-        total = self.num_images
-        it = iter_batches(self.images, self.loaded.transform, self.batch_size, self.max_images)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, total=math.ceil(total / self.batch_size), desc=desc, unit="batch", leave=False)
-        yield from it
-
     @property
     def num_images(self) -> int:
         n = len(self.images.files)
         return n if self.max_images is None else min(n, self.max_images)
+
+    def batches(self, desc: str) -> Iterator[tuple[Tensor, Tensor, list[Path]]]:
+        """Stream (pixels, labels (-1 = unknown), paths) over this rank's shard of the images.
+
+        Unreadable files are recorded in ``images.skipped`` and left out.
+        """
+        subset = torch.utils.data.Subset(
+            ImageFileDataset(self.images, self.loaded.transform), range(self.num_images)
+        )
+        loader = torch.utils.data.DataLoader(
+            subset, batch_size=self.batch_size, sampler=ShardSampler(subset), collate_fn=collate,
+            num_workers=self.num_workers,
+        )  # fmt: skip
+        it = iter(loader)
+        if self.progress and world()[0] == 0:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=len(loader), desc=desc, unit="batch", leave=False)
+        for x, labels, paths, skipped in it:
+            for f, reason in skipped:
+                log.warning("skipping unreadable image %s: %s", f, reason)
+            self.images.skipped.extend(skipped)
+            if x is not None:
+                yield x, labels, paths
 
     def class_name(self, index: int) -> str:
         names = self.loaded.class_names or self.images.class_names
@@ -71,63 +96,30 @@ def identifiability_section(ctx: ReportContext) -> SectionResult:
     """Accuracy, identifiability rates, Fig. 2 curves and token maps, streamed over the images."""
     adapter = ctx.adapter
     nb, p = adapter.num_blocks, adapter.num_prefix_tokens
-    n_images = n_labelled = n_correct = 0
-    sum_image = torch.zeros(nb, dtype=torch.float64)
-    sum_cls = torch.zeros(nb, dtype=torch.float64)
-    sum_rate = torch.zeros(nb, dtype=torch.float64)  # per-image share of image tokens at r = 1
-    n_any_last = 0
+    acc = IdentifiabilityAccumulator(adapter)
     sample_scores: list[Tensor] = []
     stride = max(1, ctx.num_images // ctx.num_sample_images)
+    seen = 0
     for x, labels, paths in ctx.batches("identifiability"):
-        x = x.to(ctx.device)
-        labels = labels.to(ctx.device)
-        tr = trace(adapter, x, record=["resid_post"])
-        pred = tr.logits.argmax(-1)
-        known = labels >= 0
-        target = torch.where(known, labels, pred)
-        scores = torch.stack(
-            [
-                identifiability_scores(adapter.project(tr.cache["resid_post", b]), target[:, None])
-                for b in range(nb)
-            ],
-            1,
-        ).cpu()
-        del tr
-        n_images += x.shape[0]
-        n_labelled += int(known.sum())
-        n_correct += int((pred == labels)[known].sum())
-        img = scores[:, :, p:]
-        sum_image += img.mean(2).sum(0).double()
-        if adapter.has_class_token:
-            sum_cls += scores[:, :, adapter.class_token_index].sum(0).double()
-        sum_rate += (img == 1).float().mean(2).sum(0).double()
-        n_any_last += int((img[:, -1] == 1).any(1).sum())
+        x, labels = x.to(ctx.device), labels.to(ctx.device)
+        scores, pred, target = score_batch(adapter, x, labels)
+        acc.update(scores, pred, labels)
         # keep evenly spaced images (across classes when sorted by class) for the per-image figures
-        picks = [i for i in range(x.shape[0]) if (n_images - x.shape[0] + i) % stride == 0]
+        picks = [i for i in range(x.shape[0]) if (seen + i) % stride == 0]
         picks = picks[: ctx.num_sample_images - len(ctx.sample_paths)]
+        seen += x.shape[0]
         if picks:
             ctx.sample_images = _cat(ctx.sample_images, x[picks].cpu())
             ctx.sample_labels = _cat(ctx.sample_labels, target[picks].cpu())
             ctx.sample_paths += [paths[i] for i in picks]
-            sample_scores.append(scores[picks])
-    if n_images == 0:
+            sample_scores.append(scores[picks].cpu())
+    numbers = acc.all_reduce().result()
+    if numbers["num_images"] == 0:
         raise CLIError("no readable images: every file was skipped")
-    curves = {"image tokens": (sum_image / n_images).tolist()}
-    if adapter.has_class_token:
-        curves = {"class token": (sum_cls / n_images).tolist(), **curves}
-    rate = (sum_rate / n_images * 100).tolist()
-    numbers = {
-        "num_images": n_images,
-        "num_labelled": n_labelled,
-        "top1_accuracy": n_correct / n_labelled if n_labelled else None,
-        "identifiability_rate_last_block_percent": rate[-1],
-        "identifiability_rate_per_block_percent": rate,
-        "images_with_identifiable_token_percent": 100 * n_any_last / n_images,
-        "mean_identifiability_per_block": curves,
-        "chance_mean_identifiability": 0.5 + 0.5 / adapter.num_classes,
-        "chance_identifiability_rate_percent": 100 / adapter.num_classes,
-        "targets": "ground-truth labels (predicted class where a label is unknown)",
-    }
+    numbers["targets"] = "ground-truth labels (predicted class where a label is unknown)"
+    curves = numbers["mean_identifiability_per_block"]
+    rate = numbers["identifiability_rate_per_block_percent"]
+    n_images = numbers["num_images"]
     figures = {
         "identifiability_curves": plot_identifiability_curves(
             curves, chance=numbers["chance_mean_identifiability"]
@@ -145,9 +137,11 @@ def identifiability_section(ctx: ReportContext) -> SectionResult:
             s, ctx.sample_images, adapter.grid_size, p, blocks, titles, mean, std
         )
         numbers["token_map_blocks"] = [b + 1 for b in blocks]
-    acc = numbers["top1_accuracy"]
+    top1 = numbers["top1_accuracy"]
     text = (
-        f"{n_images} images; top-1 accuracy {acc * 100:.2f}%. " if acc is not None else f"{n_images} images. "
+        f"{n_images} images; top-1 accuracy {top1 * 100:.2f}%. "
+        if top1 is not None
+        else f"{n_images} images. "
     ) + (
         f"Last-block identifiability rate (image tokens whose top-1 class in class embedding space is the target): "
         f"{rate[-1]:.2f}% (chance {100 / adapter.num_classes:.1f}%); images with at least one such token: "
@@ -238,10 +232,13 @@ def run_report(
     max_images: int | None = None,
     sections: list[Section] | None = None,
     progress: bool = True,
+    num_workers: int = 0,
 ) -> dict:
     r"""Run the report and write it to ``out``; returns the JSON data.
 
-    With no arguments: the bundled CIFAR-10 model on its bundled images.
+    With no arguments: the bundled CIFAR-10 model on its bundled images. Under ``torchrun``
+    (an initialised ``torch.distributed`` process group) every rank processes its shard of
+    the images, the numbers are reduced exactly over ranks and rank 0 writes the report.
     """
     loaded = load_model(model, checkpoint)
     if images is None:
@@ -261,6 +258,15 @@ def run_report(
         )
     if any(lab is not None and not 0 <= lab < adapter.num_classes for lab in image_set.labels):
         raise CLIError(f"a label is out of range for a model with {adapter.num_classes} classes")
-    ctx = ReportContext(loaded, adapter, image_set, dev, batch_size, max_images, progress)
+    ctx = ReportContext(
+        loaded, adapter, image_set, dev, batch_size, max_images, progress, num_workers=num_workers
+    )
     results = [section(ctx) for section in (sections or DEFAULT_SECTIONS)]
+    rank, size = world()
+    if size > 1:  # every rank saw a shard: gather the skipped files; rank 0 writes
+        gathered: list = [None] * size
+        dist.all_gather_object(gathered, image_set.skipped)
+        image_set.skipped = sorted({tuple(item) for part in gathered for item in part})
+        if rank != 0:
+            return {}
     return write_report(results, ctx, Path(out))

@@ -124,7 +124,9 @@ def test_labels_csv_and_max_images(image_dir: Path, tmp_path: Path) -> None:
         == 0
     )
     data = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert data["sections"]["class_identifiability_across_blocks"]["num_images"] == 4
+    # the first 4 rows: gray.png, broken.jpg (skipped) and two cat images
+    assert data["sections"]["class_identifiability_across_blocks"]["num_images"] == 3
+    assert [Path(s["file"]).name for s in data["skipped_files"]] == ["broken.jpg"]
 
 
 @pytest.mark.parametrize(

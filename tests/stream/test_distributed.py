@@ -1,0 +1,70 @@
+"""Streaming accumulation and exact multi-process reduction (2 CPU processes under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_timm
+from torch.utils.data import DataLoader
+
+from captum_clsemb.attr import BlockwiseIdentifiability
+from captum_clsemb.stream import ShardSampler, dataset_identifiability
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from dist_worker import dataset  # noqa: E402
+
+
+def test_shard_sampler_partitions_without_padding() -> None:
+    ds = list(range(23))
+    shards = [list(ShardSampler(ds, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == ds
+    assert [len(ShardSampler(ds, rank=r, world_size=3)) for r in range(3)] == [8, 8, 7]
+
+
+def test_streaming_equals_whole_batch_computation() -> None:
+    model = small_timm()
+    ds = dataset()
+    x, y = ds.tensors
+    streamed = dataset_identifiability(model, DataLoader(ds, batch_size=5))
+    bi = BlockwiseIdentifiability(model)
+    with torch.no_grad():
+        pred = model(x).argmax(-1)
+    target = torch.where(y >= 0, y, pred)
+    scores = bi.attribute(x, target=target)
+    assert streamed["num_images"] == 23
+    labelled = y >= 0
+    assert streamed["top1_accuracy"] == pytest.approx((pred == y)[labelled].float().mean().item())
+    assert streamed["identifiability_rate_last_block_percent"] == pytest.approx(bi.identifiability_rate(scores).item())
+    assert streamed["images_with_identifiable_token_percent"] == pytest.approx(
+        bi.images_with_identifiable_token(scores).item()
+    )
+    curves = bi.mean_identifiability(scores)
+    assert streamed["mean_identifiability_per_block"]["image tokens"] == pytest.approx(curves["image"].tolist())
+    assert streamed["mean_identifiability_per_block"]["class token"] == pytest.approx(curves["cls"].tolist())
+
+
+def test_two_processes_reduce_to_the_single_process_numbers(tmp_path: Path) -> None:
+    out = tmp_path / "dist.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "dist_worker.py"), str(out), str(HERE.parent)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    distributed = json.loads(out.read_text())
+    single = dataset_identifiability(small_timm(), DataLoader(dataset(), batch_size=4))
+    assert distributed.keys() == single.keys()
+    assert distributed["num_images"] == single["num_images"] == 23
+    for key in ("top1_accuracy", "identifiability_rate_last_block_percent", "images_with_identifiable_token_percent"):
+        assert distributed[key] == pytest.approx(single[key], abs=1e-12)
+    for k, v in single["mean_identifiability_per_block"].items():
+        assert distributed["mean_identifiability_per_block"][k] == pytest.approx(v, abs=1e-12)
+    assert distributed["identifiability_rate_per_block_percent"] == pytest.approx(
+        single["identifiability_rate_per_block_percent"], abs=1e-12
+    )
