@@ -17,9 +17,7 @@ from captum_clsemb.errors import InputValidationError, UnsupportedModelError
 _LAZY = {
     "adapt": "captum_clsemb.adapters",
     "ModelAdapter": "captum_clsemb.adapters",
-    "trace": "captum_clsemb.trace",
-    "Trace": "captum_clsemb.trace",
-    "ActivationCache": "captum_clsemb.trace",
+    # the traced forward lives in the subpackage of the same name: from captum_clsemb.trace import trace
     "BlockwiseIdentifiability": "captum_clsemb.attr",
     "identifiability_rate": "captum_clsemb.attr",
     "images_with_identifiable_token": "captum_clsemb.attr",
@@ -30,6 +28,12 @@ _LAZY = {
     "CheferGradientRollout": "captum_clsemb.attr",
     "CheferRelevancy": "captum_clsemb.attr",
     "ValueVectorProjector": "captum_clsemb.analysis",
+    "token_removal_auc": "captum_clsemb.metrics",
+    "pixel_removal_auc": "captum_clsemb.metrics",
+    "LinearProbeRanking": "captum_clsemb.metrics",
+    "RandomRanking": "captum_clsemb.metrics",
+    "compare_explanations": "captum_clsemb.metrics",
+    "dataset_identifiability": "captum_clsemb.stream",
     "load_demo_model": "captum_clsemb.demo",
     "load_demo_images": "captum_clsemb.demo",
     "timm_to_hf": "captum_clsemb.convert",
@@ -57,4 +61,3 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from captum_clsemb.adapters import ModelAdapter, adapt  # noqa: F401
     from captum_clsemb.attr import BlockwiseIdentifiability  # noqa: F401
-    from captum_clsemb.trace import ActivationCache, Trace, trace  # noqa: F401
