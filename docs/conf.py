@@ -104,4 +104,36 @@ def _copy_tutorials() -> None:
             shutil.copyfile(nb, target)
 
 
+def _write_toplevel_table() -> None:
+    """``api/_toplevel.inc``: every name of ``captum_clsemb.__all__`` with a link to its definition."""
+    rows = []
+    for name in captum_clsemb.__all__:
+        if name.startswith("__"):
+            continue
+        obj = getattr(captum_clsemb, name)
+        # Documented where the API pages put it: attribution classes under their own module
+        # (api/attr.rst), everything else under the package that exports it.
+        package = captum_clsemb._LAZY.get(name, obj.__module__)
+        module = obj.__module__ if package == "captum_clsemb.attr" else package
+        target = f"{module}.{obj.__qualname__}"
+        if isinstance(obj, type):
+            role = "exc" if issubclass(obj, BaseException) else "class"
+        else:
+            role = "func"
+        rows.append(f"   * - ``{name}``\n     - :py:{role}:`{target}`")
+    table = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :widths: 30 70",
+        "",
+        "   * - name",
+        "     - defined as",
+    ]
+    text = "\n".join(table + rows) + "\n"
+    out = DOCS / "api" / "_toplevel.inc"
+    if not out.exists() or out.read_text() != text:
+        out.write_text(text)
+
+
 _copy_tutorials()
+_write_toplevel_table()
