@@ -120,14 +120,14 @@ def _write_toplevel_table() -> None:
             role = "exc" if issubclass(obj, BaseException) else "class"
         else:
             role = "func"
-        rows.append(f"   * - ``{name}``\n     - :py:{role}:`{target}`")
+        rows.append(f"   * - :py:{role}:`~{target}`\n     - ``{module}``")
     table = [
         ".. list-table::",
         "   :header-rows: 1",
-        "   :widths: 30 70",
+        "   :widths: 40 60",
         "",
         "   * - name",
-        "     - defined as",
+        "     - documented in",
     ]
     text = "\n".join(table + rows) + "\n"
     out = DOCS / "api" / "_toplevel.inc"
