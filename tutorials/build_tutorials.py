@@ -499,8 +499,8 @@ for k, name in enumerate(
 
 The authors' code projects the **attention sub-layer output** of each block instead of the
 class token's residual state (and applies softmax twice; we never do). `source="attn"`
-reproduces the projected state. The two maps are correlated but not the same, less so in
-later blocks, where the MLP changes the class token's state more:
+reproduces the projected state. The difference is the MLP sub-layer (and the residual)
+that the paper's state includes, so the two maps are related but not identical:
 """),
     code(r"""
 attn_source = ceg.attribute(images, target=labels, return_per="block", source="attn")
