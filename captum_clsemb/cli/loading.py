@@ -117,19 +117,22 @@ def _load_hf_folder(path: Path) -> LoadedModel:
     return LoadedModel(model, transform, names, f"Hugging Face {arch} from {path}")
 
 
-def _squash_transform(size: int, mean: list[float], std: list[float]) -> Callable[[Image.Image], Tensor]:
+class SquashTransform:
     """Resize to size x size (the ViT image processor's default), scale to [0, 1], normalise."""
-    import numpy as np
 
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    def __init__(self, size: int, mean: list[float], std: list[float]) -> None:
+        self.size, self.mean, self.std = size, [float(v) for v in mean], [float(v) for v in std]
 
-    def transform(img: Image.Image) -> Tensor:
-        img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    def __call__(self, img: Image.Image) -> Tensor:
+        import numpy as np
+
+        img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - m) / s
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
-    return transform
+
+def _squash_transform(size: int, mean: list[float], std: list[float]) -> SquashTransform:
+    return SquashTransform(size, mean, std)
 
 
 @dataclass

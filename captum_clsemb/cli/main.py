@@ -28,9 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="clsemb-report", help="output folder (default: clsemb-report)")
     rep.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     rep.add_argument("--batch-size", type=int, default=64)
-    rep.add_argument("--max-images", type=int, default=None, help="use only the first N image files (unreadable ones among them are skipped)")
+    rep.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="use only the first N image files (unreadable ones among them are skipped)",
+    )
     rep.add_argument(
         "--num-workers", type=int, default=0, help="DataLoader worker processes for image decoding"
+    )
+    rep.add_argument(
+        "--sections",
+        default="identifiability,explanations,mechanisms,comparison",
+        help="comma-separated report sections (identifiability always runs)",
+    )
+    rep.add_argument(
+        "--compare-images",
+        type=int,
+        default=20,
+        help="images for the perturbation-AUC comparison section (0 skips it); probes use the rest",
     )
     rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     rep.add_argument("--distributed", action="store_true",
@@ -74,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model=args.model, checkpoint=args.checkpoint, images=args.images, labels=args.labels, out=args.out,
                 device=args.device, batch_size=args.batch_size, max_images=args.max_images,
                 progress=not args.no_progress, num_workers=args.num_workers,
+                section_names=[n.strip() for n in args.sections.split(",") if n.strip()],
+                compare_images=args.compare_images,
             )  # fmt: skip
             if not data:  # a non-zero rank of a distributed run
                 return 0

@@ -7,7 +7,8 @@ import html
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,9 +82,10 @@ class ReportContext:
 
             it = tqdm(it, total=len(loader), desc=desc, unit="batch", leave=False)
         for x, labels, paths, skipped in it:
-            for f, reason in skipped:
-                log.warning("skipping unreadable image %s: %s", f, reason)
-            self.images.skipped.extend(skipped)
+            for item in skipped:  # sections stream the images again: report each file once
+                if item not in self.images.skipped:
+                    log.warning("skipping unreadable image %s: %s", *item)
+                    self.images.skipped.append(item)
             if x is not None:
                 yield x, labels, paths
 
@@ -169,7 +171,30 @@ def _norm_stats(loaded: LoadedModel) -> tuple[list[float] | None, list[float] | 
 
 
 Section = Callable[[ReportContext], SectionResult]
-DEFAULT_SECTIONS: list[Section] = [identifiability_section]
+
+
+SECTION_NAMES = ("identifiability", "explanations", "mechanisms", "comparison")
+
+
+def default_sections(names: Sequence[str] = SECTION_NAMES, compare_images: int = 20) -> list[Section]:
+    """The report's sections by name; identifiability always runs first (others reuse its sample images)."""
+    import functools
+
+    from captum_clsemb.cli.sections import comparison_section, explanations_section, mechanisms_section
+
+    unknown = set(names) - set(SECTION_NAMES)
+    if unknown:
+        raise CLIError(f"unknown report section(s) {sorted(unknown)}; choose from {', '.join(SECTION_NAMES)}")
+    table = {
+        "explanations": explanations_section,
+        "mechanisms": mechanisms_section,
+        "comparison": functools.partial(comparison_section, num_images=compare_images),
+    }
+    chosen = [identifiability_section]
+    for name in SECTION_NAMES[1:]:
+        if name in names and not (name == "comparison" and compare_images <= 0):
+            chosen.append(table[name])
+    return chosen
 
 
 def _png(fig: Figure) -> bytes:
@@ -233,6 +258,8 @@ def run_report(
     sections: list[Section] | None = None,
     progress: bool = True,
     num_workers: int = 0,
+    section_names: Sequence[str] = SECTION_NAMES,
+    compare_images: int = 20,
 ) -> dict:
     r"""Run the report and write it to ``out``; returns the JSON data.
 
@@ -261,7 +288,12 @@ def run_report(
     ctx = ReportContext(
         loaded, adapter, image_set, dev, batch_size, max_images, progress, num_workers=num_workers
     )
-    results = [section(ctx) for section in (sections or DEFAULT_SECTIONS)]
+    results = []
+    for section in sections or default_sections(section_names, compare_images):
+        start = time.perf_counter()
+        res = section(ctx)
+        res.numbers["seconds"] = round(time.perf_counter() - start, 2)
+        results.append(res)
     rank, size = world()
     if size > 1:  # every rank saw a shard: gather the skipped files; rank 0 writes
         gathered: list = [None] * size

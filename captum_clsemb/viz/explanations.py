@@ -230,3 +230,46 @@ def plot_global_map(
         )  # fmt: skip
     _draw_panel(fig, axes[-1], up, img, method, sign, cmap, alpha_overlay, outlier_perc, title)
     return fig
+
+
+def plot_method_grid(
+    maps: dict[str, Tensor],
+    images: Tensor,
+    titles: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    method: str = "blended_heat_map",
+    sign: str = "all",
+    alpha_overlay: float = 0.5,
+    outlier_perc: float = 2,
+    panel_size: float = 1.6,
+) -> Figure:
+    r"""Global maps of several explanation methods side by side (rows: images, columns: methods).
+
+    Args:
+        maps: ``{method name: (N, 1, h, w) maps}`` for the same N images.
+        images: (N, 3, H, W) images (normalised with ``mean``/``std`` if given).
+        titles: one label per image (row).
+        method, sign, alpha_overlay, outlier_perc: passed to
+            :func:`captum.attr.visualization.visualize_image_attr` for every panel.
+    Returns:
+        a matplotlib ``Figure`` with N rows and 1 + len(maps) columns (image first).
+    """
+    n, names = images.shape[0], list(maps)
+    fig = Figure(figsize=(panel_size * (len(names) + 1), panel_size * n + 0.4))
+    axes = fig.subplots(n, len(names) + 1, squeeze=False)
+    for i in range(n):
+        img = _image_hwc(images[i], mean, std)
+        captum_viz.visualize_image_attr(
+            np.ones((*img.shape[:2], 1)), img, method="original_image", sign="all", plt_fig_axis=(fig, axes[i, 0]),
+            title=(titles[i] if titles else None), use_pyplot=False,
+        )  # fmt: skip
+        for j, name in enumerate(names):
+            m = _as_tensor(maps[name])[i].reshape(1, 1, *_as_tensor(maps[name]).shape[-2:])
+            up = _upsample(m, img.shape[:2])[0, 0]
+            _draw_panel(fig, axes[i, j + 1], up, img, method, sign, None, alpha_overlay, outlier_perc,
+                        name if i == 0 else None)  # fmt: skip
+    for ax in axes.flat:
+        ax.title.set_fontsize(7)
+    fig.tight_layout()
+    return fig

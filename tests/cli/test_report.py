@@ -32,7 +32,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 
 def _run(args: list[str]) -> int:
-    return main(["report", "--no-progress", "--batch-size", "3", *args])
+    return main(["report", "--no-progress", "--batch-size", "3", "--compare-images", "3", *args])
 
 
 def test_report_end_to_end(image_dir: Path, tmp_path: Path, capsys) -> None:
@@ -88,19 +88,26 @@ def test_timm_and_hf_twins_give_the_same_report_numbers(image_dir: Path, tmp_pat
     _assert_close_nested(a, b)
 
 
-def _assert_close_nested(a: object, b: object) -> None:
+def _assert_close_nested(a: object, b: object, path: str = "") -> None:
     if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys()
-        for k in a:
-            _assert_close_nested(a[k], b[k])
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        # timings differ run to run; the random-init baseline uses each framework's own initialisation
+        skip = {
+            "seconds",
+            "seconds_per_method",
+            "table_markdown",
+            "class_value_agreement_random_init_mean_per_block",
+        }
+        for k in set(a) - skip:
+            _assert_close_nested(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b)
-        for u, v in zip(a, b):
-            _assert_close_nested(u, v)
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_close_nested(u, v, f"{path}[{i}]")
     elif isinstance(a, float):
-        assert a == pytest.approx(b, abs=1e-6)
+        assert a == pytest.approx(b, abs=1e-6), path
     else:
-        assert a == b
+        assert a == b, path
 
 
 def test_labels_csv_and_max_images(image_dir: Path, tmp_path: Path) -> None:
@@ -135,6 +142,7 @@ def test_labels_csv_and_max_images(image_dir: Path, tmp_path: Path) -> None:
         (["--images", "/nonexistent/folder"], "image folder not found"),
         (["--model", "timm:not_a_model"], "unknown timm model name"),
         (["--model", "resnet"], "unknown model 'resnet'"),
+        (["--sections", "identifiability,bogus"], "unknown report section"),
         (["--model", "timm:vit_tiny_patch16_224", "--checkpoint", "CKPT"], "does not fit timm model"),
     ],
 )
@@ -143,6 +151,7 @@ def test_clear_one_line_errors(args: list[str], message: str, tmp_path: Path, ca
         ckpt = tmp_path / "demo.pt"
         torch.save(load_demo_model("timm").state_dict(), ckpt)
         args = [str(ckpt) if a == "CKPT" else a for a in args]
-    assert _run([*args, "--out", str(tmp_path / "o")]) == 2
+    extra = [] if "--sections" in args else ["--sections", "identifiability"]
+    assert _run([*args, "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
