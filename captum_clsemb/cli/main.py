@@ -52,6 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--distributed", action="store_true",
                      help="init torch.distributed from the torchrun environment (gloo on CPU, nccl on CUDA); "
                           "each rank processes a shard, rank 0 writes")  # fmt: skip
+    cmp = sub.add_parser(
+        "compare", help="perturbation AUC: ClassEmbeddingGradient vs Chefer et al. and baselines"
+    )
+    cmp.add_argument("--model", default="demo", help="as for report")
+    cmp.add_argument("--checkpoint", help="weights for a timm model")
+    cmp.add_argument(
+        "--images", help="folder of labelled images (class sub-folders or --labels); default: bundled"
+    )
+    cmp.add_argument("--labels", help="CSV of file,label for --images")
+    cmp.add_argument(
+        "--probe-images", help="labelled images to fit the linear probes (default: half of --images)"
+    )
+    cmp.add_argument("--probe-labels", help="CSV of file,label for --probe-images")
+    cmp.add_argument("--out", default="clsemb-compare", help="output folder (default: clsemb-compare)")
+    cmp.add_argument("--num-images", type=int, default=None, help="evaluate at most this many images")
+    cmp.add_argument("--batch-size", type=int, default=32)
+    cmp.add_argument("--explain-target", default="label", choices=["label", "predicted"])
+    cmp.add_argument("--protocol", default="tokens", choices=["tokens", "pixels"],
+                     help="tokens: drop tokens after the position embedding (the paper); pixels: Chefer et al.")  # fmt: skip
+    cmp.add_argument("--score", default="accuracy", choices=["accuracy", "probability", "logit"])
+    cmp.add_argument("--device", default="cpu")
+    cmp.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -103,6 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{ident['identifiability_rate_last_block_percent']:.2f}%")  # fmt: skip
             if data["skipped_files"]:
                 print(f"skipped {len(data['skipped_files'])} unreadable file(s); see report.json")
+        elif args.command == "compare":
+            from captum_clsemb.cli.compare import run_compare
+
+            data = run_compare(
+                model=args.model, checkpoint=args.checkpoint, images=args.images, labels=args.labels,
+                probe_images=args.probe_images, probe_labels=args.probe_labels, out=args.out,
+                num_images=args.num_images, batch_size=args.batch_size, explain_target=args.explain_target,
+                protocol=args.protocol, score=args.score, device=args.device, progress=not args.no_progress,
+            )  # fmt: skip
+            print(data["markdown"])
+            print(f"written to {args.out}/ (results.md, results.csv, curves.png, run.json)")
     except (CLIError, InputValidationError, UnsupportedModelError) as e:
         print(f"clsemb: error: {e}", file=sys.stderr)
         return 2
