@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed and memory of every analysis as ratios to a plain forward, measured in one run.
 
-    python benchmarks/run_benchmarks.py            # prints the table, writes docs/benchmark_results.md
+    python benchmarks/run_benchmarks.py            # prints the table, writes docs/benchmarks.md
 
 Models: timm ``vit_base_patch16_224`` and ``vit_base_patch32_224`` with random weights, CPU,
 batch 8, eval mode. Every timed call is repeated ``--repeats`` times, interleaved
@@ -31,7 +31,7 @@ from captum_clsemb.attr import BlockwiseIdentifiability, CheferRelevancy, ClassE
 from captum_clsemb.metrics import token_removal_auc
 from captum_clsemb.stream import dataset_identifiability
 
-DOCS_TABLE = Path(__file__).resolve().parents[1] / "docs" / "benchmark_results.md"
+DOCS_TABLE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 class PeakRSS:
@@ -153,6 +153,10 @@ def streaming(counts: tuple[int, ...] = (200, 2000), batch: int = 50) -> list[di
 
 def to_markdown(rows: list[dict], stream_rows: list[dict] | None) -> str:
     lines = [
+        "# Benchmarks",
+        "",
+        "Regenerate with `python benchmarks/run_benchmarks.py --streaming` (this page is written by it).",
+        "",
         f"Measured with `python benchmarks/run_benchmarks.py` (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, batch 8, random weights, CPU). Ratios are medians of interleaved "
         "repeats in one run; peak memory is the process's peak resident set during the call.",
@@ -178,7 +182,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--streaming", action="store_true", help="also run the 200 vs 2,000 image memory check")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmark_results.md")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     args = p.parse_args()
     rows = []
     for name in args.models.split(","):
