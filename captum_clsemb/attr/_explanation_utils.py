@@ -95,9 +95,12 @@ def format_targets(
     return (None if single is None else single[:, None]), False
 
 
-def check_interpolate_to(interpolate_to: Sequence[int] | None) -> tuple[int, int] | None:
+def check_interpolate_to(interpolate_to: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """None, or (H, W) from a positive int (square) or a pair such as ``x.shape[-2:]``."""
     if interpolate_to is None:
         return None
+    if isinstance(interpolate_to, int) and not isinstance(interpolate_to, bool):
+        interpolate_to = (interpolate_to, interpolate_to)
     if isinstance(interpolate_to, torch.Size):
         interpolate_to = tuple(interpolate_to)
     if (
@@ -106,7 +109,7 @@ def check_interpolate_to(interpolate_to: Sequence[int] | None) -> tuple[int, int
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in interpolate_to)
     ):
         raise InputValidationError(
-            f"interpolate_to must be a pair of positive ints (H, W), e.g. x.shape[-2:], got {interpolate_to!r}"
+            f"interpolate_to must be a positive int or a pair (H, W), e.g. x.shape[-2:], got {interpolate_to!r}"
         )
     return int(interpolate_to[0]), int(interpolate_to[1])
 

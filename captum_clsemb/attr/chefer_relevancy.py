@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from captum_clsemb._utils import TargetType, format_target
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.adapters.base import BlockParts
+from captum_clsemb.attr._explanation_utils import check_interpolate_to
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.trace import ActivationCache, trace
 
@@ -194,22 +195,6 @@ def _through_post(post: object, linear: nn.Linear, linear_in: Tensor, relevance:
     return lrp_elementwise_z(linear(linear_in), gamma, relevance)
 
 
-def _check_size(size: object) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if isinstance(size, torch.Size):
-        size = tuple(size)
-    if (
-        not isinstance(size, (tuple, list))
-        or len(size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
-    ):
-        raise InputValidationError(
-            f"interpolate_to must be a positive int or a pair (H, W), e.g. x.shape[-2:], got {size!r}"
-        )
-    return int(size[0]), int(size[1])
-
-
 class CheferRelevancy(Attribution):
     r"""Chefer et al. (CVPR 2021) transformer attribution: LRP relevance x gradient, rolled out.
 
@@ -288,7 +273,7 @@ class CheferRelevancy(Attribution):
         adapter = self.adapter
         x = adapter.check_inputs(inputs)
         start = self._check_start_block(start_block)
-        size = None if interpolate_to is None else _check_size(interpolate_to)
+        size = check_interpolate_to(interpolate_to)
         n = x.shape[0]
         tgt = format_target(target, n, adapter.num_classes, x.device)
         h, w = adapter.grid_size

@@ -178,7 +178,11 @@ def test_errors() -> None:
     with pytest.raises(InputValidationError, match="repeated"):
         ceg.attribute(x, heads=[1, -3])
     with pytest.raises(InputValidationError, match="interpolate_to"):
-        ceg.attribute(x, interpolate_to=32)
+        ceg.attribute(x, interpolate_to=(32,))
+    with pytest.raises(InputValidationError, match="interpolate_to"):
+        ceg.attribute(x, interpolate_to=0)
+    # a single int means a square size
+    torch.testing.assert_close(ceg.attribute(x, interpolate_to=32), ceg.attribute(x, interpolate_to=(32, 32)))
     with pytest.raises(InputValidationError, match="internal_batch_size"):
         ceg.attribute(x, internal_batch_size=0)
     with pytest.raises(InputValidationError, match="image size"):
