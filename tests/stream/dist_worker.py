@@ -7,10 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, sys.argv[2])  # tests/ for conftest builders
-from conftest import small_timm  # noqa: E402
-
-from captum_clsemb.stream import ShardSampler, dataset_identifiability  # noqa: E402
+from captum_clsemb.stream import ShardSampler, dataset_identifiability
 
 
 def dataset() -> TensorDataset:
@@ -22,6 +19,9 @@ def dataset() -> TensorDataset:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, sys.argv[2])  # tests/ for the conftest model builders
+    from conftest import small_timm
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     ds = dataset()
