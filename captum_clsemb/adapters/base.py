@@ -59,6 +59,9 @@ class BlockParts:
     fc2: nn.Linear
     mlp_post: Callable[[Tensor], Tensor]
     scale_before_matmul: bool = True  # timm scales q first; HF scales q k^T (same maths, float order differs)
+    # the stacked q/k/v projection weight (3 * heads * head_dim, d), rows in (q|k|v, head, dim) order, for
+    # methods that need the weight itself (LRP)
+    qkv_weight: Tensor | None = None
 
 
 class ModelAdapter:

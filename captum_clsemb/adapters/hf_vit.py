@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from captum_clsemb.adapters.base import BlockParts, ModelAdapter, identity
@@ -158,4 +159,5 @@ class HFViTAdapter(ModelAdapter):
             fc2=fc2,
             mlp_post=identity,
             scale_before_matmul=False,
+            qkv_weight=torch.cat([q_lin.weight, k_lin.weight, v_lin.weight], 0),
         )

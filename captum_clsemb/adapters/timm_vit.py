@@ -148,4 +148,5 @@ class TimmViTAdapter(ModelAdapter):
             fc2=blk.mlp.fc2,
             mlp_post=blk.norm2 if post_norm else blk.ls2,
             scale_before_matmul=True,
+            qkv_weight=attn.qkv.weight,
         )

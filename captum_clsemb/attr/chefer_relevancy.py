@@ -159,15 +159,8 @@ def lrp_elementwise_z(x: Tensor, scale: Tensor, relevance: Tensor) -> Tensor:
 
 # -- model plumbing --------------------------------------------------------------------------------
 def _qkv_weight(adapter: ModelAdapter, block: int) -> Tensor:
-    """The stacked q/k/v projection weight (3 * heads * head_dim, d), rows in (q|k|v, head, dim) order.
-
-    ``BlockParts.qkv`` is a callable, but LRP needs the weight itself; read it per family.
-    """
-    if adapter.family == "timm":
-        weight = adapter.model.blocks[block].attn.qkv.weight
-    else:
-        _, q, k, v = adapter._parts(block)[:4]
-        weight = torch.cat([q.weight, k.weight, v.weight], 0)
+    """The stacked q/k/v projection weight (3 * heads * head_dim, d), rows in (q|k|v, head, dim) order."""
+    weight = adapter.block(block).qkv_weight
     inner = adapter.num_heads * adapter.head_dim
     if tuple(weight.shape) != (3 * inner, adapter.embed_dim):
         raise InputValidationError(
