@@ -10,6 +10,7 @@ state touched is train/eval mode, which :meth:`ModelAdapter.eval_mode` restores.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class BlockParts:
     qkv_weight: Tensor | None = None
 
 
-class ModelAdapter:
+class ModelAdapter(abc.ABC):
     r"""Base class: a uniform decomposed view of one ViT family.
 
     Attributes set by subclasses:
@@ -107,16 +108,16 @@ class ModelAdapter:
         return self.prefix_tokens.index("cls")
 
     @property
-    def img_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def img_size(self) -> tuple[int, int]: ...
 
     @property
-    def patch_size(self) -> tuple[int, int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def patch_size(self) -> tuple[int, int]: ...
 
     @property
-    def in_chans(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def in_chans(self) -> int: ...
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -133,14 +134,15 @@ class ModelAdapter:
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.num_patches
 
-    def block(self, index: int) -> BlockParts:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def block(self, index: int) -> BlockParts: ...
 
     # -- classification path -------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def head(self) -> nn.Linear:
         """The classifier head (for distilled models: the class-token head)."""
-        raise NotImplementedError
+        ...
 
     @property
     def head_dist(self) -> nn.Linear | None:
@@ -156,13 +158,15 @@ class ModelAdapter:
     def class_bias(self) -> Tensor | None:
         return self.head.bias
 
+    @abc.abstractmethod
     def pre_pool_norm(self, states: Tensor) -> Tensor:
         """The norm applied to every token before pooling (``model.norm``; identity for GAP)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def post_pool_norm(self, pooled: Tensor) -> Tensor:
         """The norm applied after pooling (timm ``fc_norm`` of GAP models; else identity)."""
-        raise NotImplementedError
+        ...
 
     def final_norm(self, states: Tensor) -> Tensor:
         """The normalisation the classification path applies to a token state.
@@ -172,9 +176,10 @@ class ModelAdapter:
         """
         return self.post_pool_norm(self.pre_pool_norm(states))
 
+    @abc.abstractmethod
     def embed(self, pixel_values: Tensor) -> Tensor:
         """Tokens after patch + position embedding (and any pre-norm), (N, T, d)."""
-        raise NotImplementedError
+        ...
 
     def classify(self, final_states: Tensor) -> Tensor:
         """Logits from the residual stream after the last block, exactly as the model pools."""
@@ -271,9 +276,10 @@ class ModelAdapter:
             for m, was_training in flags:
                 m.training = was_training
 
+    @abc.abstractmethod
     def model_logits(self, pixel_values: Tensor) -> Tensor:
         """Plain logits of the wrapped model (its own forward)."""
-        raise NotImplementedError
+        ...
 
     def __repr__(self) -> str:
         return (
