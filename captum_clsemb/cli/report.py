@@ -124,7 +124,7 @@ def identifiability_section(ctx: ReportContext) -> SectionResult:
     n_images = numbers["num_images"]
     figures = {
         "identifiability_curves": plot_identifiability_curves(
-            curves, chance=numbers["chance_mean_identifiability"]
+            curves, chance=numbers["chance_mean_identifiability"], title="Class identifiability per block"
         )
     }
     if sample_scores:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from captum_clsemb.errors import InputValidationError
+from captum_clsemb.viz._common import _axes, _block_axis, _blocks, _np, _pick_stat
 
 
 def to_hwc_image(
@@ -22,33 +26,61 @@ def to_hwc_image(
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+_TOKEN_GROUPS = ("cls", "image", "all")
+
+
+def _curve_label(name: str) -> str:
+    return f"{name} tokens" if name in _TOKEN_GROUPS else name
+
+
 def plot_identifiability_curves(
-    curves: dict[str, Sequence[float]],
-    title: str = "Class identifiability per block",
+    curves: Mapping,
+    baseline: Mapping | None = None,
+    stat: str = "mean",
     chance: float | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
 ) -> Figure:
-    r"""Mean identifiability per block, one line per token type (e.g. ``{"cls": ..., "image": ...}``).
+    r"""Identifiability per block, one line per token group or condition (paper Fig. 2).
 
     Args:
-        curves: name -> per-block mean identifiability.
-        title: axes title.
-        chance: draw the expected score of a random ranking (0.5 + 0.5/|C|) as a dashed line.
+        curves: name -> per-block values, e.g. ``{"cls": (blocks,), "image": (blocks,)}`` from
+            :meth:`~captum_clsemb.attr.BlockwiseIdentifiability.mean_identifiability`, or the
+            summary of :func:`~captum_clsemb.analysis.identifiability_summary`, read at ``stat``.
+            The groups ``cls``, ``image`` and ``all`` are labelled "... tokens"; other names
+            (e.g. conditions of an intervention) are used as they are.
+        baseline: the same for a random-init model, drawn dashed in gray. Optional.
+        stat: ``"mean"`` (scores, default) or ``"rate"`` (percent), for summaries.
+        chance: draw the expected value of a random ranking as a dotted line (for mean
+            identifiability :math:`0.5 + 0.5/|C|`; for the rate :math:`100/|C|`). Optional.
+        ax: axes to draw on. Default: a new figure.
+        title: optional axes title.
     Returns:
-        a matplotlib Figure.
+        the Figure.
     """
-    fig = Figure(figsize=(5, 3.5))
-    ax = fig.add_subplot(1, 1, 1)
-    for name, values in curves.items():
-        v = np.asarray(values, dtype=float)
-        ax.plot(np.arange(1, len(v) + 1), v, marker="o", label=name)
+    if stat not in ("mean", "rate"):
+        raise InputValidationError(f"stat must be 'mean' or 'rate', got {stat!r}")
+    fig, ax = _axes(ax)
+    for name, values in _pick_stat(curves, stat).items():
+        v = _np(values)
+        ax.plot(_blocks(len(v)), v, marker="o", label=_curve_label(name))
+    if baseline is not None:
+        for name, values in _pick_stat(baseline, stat).items():
+            v = _np(values)
+            ax.plot(
+                _blocks(len(v)), v, color="gray", linestyle="--", label=f"{_curve_label(name)} (random init)"
+            )
     if chance is not None:
-        ax.axhline(chance, ls="--", color="gray", lw=1, label="chance")
-    ax.set_xlabel("block")
-    ax.set_ylabel("mean identifiability")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.legend(frameon=False)
-    fig.tight_layout()
+        ax.axhline(chance, linestyle=":", color="black", linewidth=1, label="chance")
+    _block_axis(ax)
+    if stat == "rate":
+        ax.set_ylabel("identifiability rate (%)")
+    else:
+        ax.set_ylabel("mean identifiability")
+        ax.set_ylim(0, 1.02)
+    ax.legend(fontsize="small", frameon=False)
+    if title:
+        ax.set_title(title)
     return fig
 
 

@@ -20,78 +20,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from captum_clsemb.errors import InputValidationError
+from captum_clsemb.viz._common import _axes, _block_axis, _blocks, _np
+from captum_clsemb.viz.identifiability import plot_identifiability_curves  # re-exported (Fig. 2)
 
 _LAYER_COLORS = {"attn": "tab:orange", "mlp": "tab:blue"}
 _GROUP_STYLES = {"cls": "-", "image": "--", "all": ":"}
 _MATCH_COLORS = {"attn": "tab:orange", "mlp": "tab:blue", "residual": "tab:gray", "composite": "tab:green"}
-
-
-def _np(values: object) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()  # type: ignore[union-attr]
-    return np.asarray(values, dtype=float)
-
-
-def _axes(ax: Axes | None, figsize: tuple[float, float] = (5.0, 3.5)) -> tuple[Figure, Axes]:
-    if ax is not None:
-        return ax.figure, ax  # type: ignore[return-value]
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def _block_axis(ax: Axes) -> None:
-    ax.set_xlabel("block")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _blocks(n: int) -> np.ndarray:
-    return np.arange(1, n + 1)
-
-
-def _pick_stat(curves: Mapping, stat: str) -> Mapping:
-    """Accept either {group: values} or a summary {"mean": {...}, "rate": {...}}."""
-    if stat in curves and isinstance(curves[stat], Mapping):
-        return curves[stat]
-    return curves
-
-
-def plot_identifiability_curves(
-    curves: Mapping,
-    baseline: Mapping | None = None,
-    stat: str = "mean",
-    ax: Axes | None = None,
-    title: str | None = None,
-) -> Figure:
-    r"""Identifiability per block for the class token and image tokens (Fig. 2).
-
-    Args:
-        curves: ``{"cls": (blocks,), "image": (blocks,)}`` (e.g.
-            :func:`~captum_clsemb.attr.mean_identifiability`), or the summary of
-            :func:`~captum_clsemb.analysis.identifiability_summary`, read at ``stat``.
-        baseline: the same for a random-init model, drawn dashed in gray. Optional.
-        stat: ``"mean"`` (scores, default) or ``"rate"`` (percent), for summaries.
-        ax: axes to draw on. Default: a new figure.
-        title: optional title.
-    Returns:
-        the Figure.
-    """
-    fig, ax = _axes(ax)
-    for group, values in _pick_stat(curves, stat).items():
-        v = _np(values)
-        ax.plot(_blocks(len(v)), v, marker="o", label=f"{group} tokens")
-    if baseline is not None:
-        for group, values in _pick_stat(baseline, stat).items():
-            v = _np(values)
-            ax.plot(_blocks(len(v)), v, color="gray", linestyle="--", label=f"{group} tokens (random init)")
-    _block_axis(ax)
-    ax.set_ylabel("identifiability rate (%)" if stat == "rate" else "mean identifiability")
-    ax.legend(fontsize="small")
-    if title:
-        ax.set_title(title)
-    return fig
 
 
 def plot_class_context(
