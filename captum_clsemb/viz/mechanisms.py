@@ -23,7 +23,9 @@ from matplotlib.figure import Figure
 
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.viz._common import _axes, _block_axis, _blocks, _np
-from captum_clsemb.viz.identifiability import plot_identifiability_curves  # re-exported (Fig. 2)
+
+# Fig. 2 lives in viz.identifiability; still importable from here, documented there.
+from captum_clsemb.viz.identifiability import plot_identifiability_curves  # noqa: F401
 
 _LAYER_COLORS = {"attn": "tab:orange", "mlp": "tab:blue"}
 _GROUP_STYLES = {"cls": "-", "image": "--", "all": ":"}
@@ -227,7 +229,6 @@ def plot_key_value_agreement(
 
 
 __all__ = [
-    "plot_identifiability_curves",
     "plot_class_context",
     "plot_class_similarity_change",
     "plot_residual_match",
