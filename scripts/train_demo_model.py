@@ -7,7 +7,8 @@ the best checkpoint is written into the package as safetensors plus a config.
 
     python scripts/train_demo_model.py --data ../shared/data/cifar10-jpg.tar.gz
 
-Runs on CPU (about 5 minutes an epoch on 2 cores).
+Runs on CPU (about 5 minutes an epoch on 2 cores; the shipped model: 25 epochs, 2 hours,
+CIFAR-10 test top-1 77.05%).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("../shared/data/cifar10-jpg.tar.gz"))
     p.add_argument("--work-dir", type=Path, default=Path(os.path.expanduser("~/.cache/captum_clsemb/train")))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "captum_clsemb" / "data" / "demo_model")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
