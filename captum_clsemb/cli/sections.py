@@ -56,6 +56,7 @@ def explanations_section(ctx: ReportContext) -> SectionResult:
         "explanation_block_head_grid": plot_block_head_grid(
             per_head.cpu(),
             x[0].cpu(),
+            blocks=range(1, per_head.shape[0] + 1),  # numbered from 1, like the other figures
             mean=mean,
             std=std,
             title=f"ClassEmbeddingGradient per block and head: {ctx.class_name(int(t[0]))}",
