@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from captum_clsemb.adapters import adapt
-from captum_clsemb.cli.loading import CLIError, ImageFileDataset, collate, find_images, load_model
+from captum_clsemb.cli.loading import CLIError, ImageFileDataset, collate, find_images, load_model, write_json
 
 
 def _load_tensors(
@@ -91,6 +90,6 @@ def run_compare(
         "settings": {"score": score, "explain_target": explain_target, "protocol": protocol},
         "skipped_files": [{"file": f, "reason": r} for f, r in skipped],
     }
-    (out / "run.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_json(out / "run.json", data)
     data["markdown"] = md
     return data

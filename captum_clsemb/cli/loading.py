@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,3 +273,18 @@ def iter_batches(
             batch, labs, paths = [], [], []
     if batch:
         yield torch.stack(batch), torch.tensor(labs), paths
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write strict JSON: undefined numbers (NaN, e.g. a rate over an empty group) become ``null``."""
+
+    def clean(obj: object) -> object:
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return None
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [clean(v) for v in obj]
+        return obj
+
+    Path(path).write_text(json.dumps(clean(data), indent=2, allow_nan=False) + "\n")

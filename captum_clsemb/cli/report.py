@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +25,7 @@ from captum_clsemb.cli.loading import (
     collate,
     find_images,
     load_model,
+    write_json,
 )
 from captum_clsemb.stream import IdentifiabilityAccumulator, ShardSampler, score_batch, world
 from captum_clsemb.viz.identifiability import plot_identifiability_curves, plot_token_maps
@@ -242,7 +242,7 @@ def write_report(results: list[SectionResult], ctx: ReportContext, out: Path) ->
             parts.append(f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
     parts.append("</body></html>")
     (out / "report.html").write_text("\n".join(parts))
-    (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_json(out / "report.json", data)
     return data
 
 

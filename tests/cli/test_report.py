@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from captum_clsemb.attr import BlockwiseIdentifiability
+from captum_clsemb.cli.loading import write_json
 from captum_clsemb.cli.main import main
 from captum_clsemb.demo import DEMO_IMAGES_DIR, demo_transform, load_demo_config, load_demo_model
 
@@ -83,9 +84,23 @@ def test_timm_and_hf_twins_give_the_same_report_numbers(image_dir: Path, tmp_pat
     )
     assert _run(["--images", str(image_dir), "--out", str(tmp_path / "a")]) == 0
     assert _run(["--model", str(hf_dir), "--images", str(image_dir), "--out", str(tmp_path / "b")]) == 0
-    a = json.loads((tmp_path / "a" / "report.json").read_text())["sections"]
-    b = json.loads((tmp_path / "b" / "report.json").read_text())["sections"]
+    a = _strict_json(tmp_path / "a" / "report.json")["sections"]
+    b = _strict_json(tmp_path / "b" / "report.json")["sections"]
     _assert_close_nested(a, b)
+
+
+def _strict_json(path: Path) -> dict:
+    def reject(name: str) -> None:
+        raise AssertionError(f"{path} is not strict JSON: it contains {name}")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def test_json_output_is_strict_with_null_for_undefined_numbers(tmp_path: Path) -> None:
+    write_json(
+        tmp_path / "r.json", {"rate": [1.5, float("nan"), float("inf")], "g": {"empty": float("nan")}, "n": 3}
+    )
+    assert _strict_json(tmp_path / "r.json") == {"rate": [1.5, None, None], "g": {"empty": None}, "n": 3}
 
 
 def _assert_close_nested(a: object, b: object, path: str = "") -> None:
