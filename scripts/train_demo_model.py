@@ -120,7 +120,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path("../shared/data/cifar10-jpg.tar.gz"))
     p.add_argument("--work-dir", type=Path, default=Path(os.path.expanduser("~/.cache/captum_clsemb/train")))
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "captum_clsemb" / "data" / "demo_model")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "captum_clsemb" / "data" / "demo_model",
+    )
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -146,10 +150,19 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = vt.VisionTransformer(**ARCH)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    decay = [
+        p
+        for n, p in model.named_parameters()
+        if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n
+    ]
+    no_decay = [
+        p
+        for n, p in model.named_parameters()
+        if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)
+    ]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
     )
     steps_per_epoch = len(xtr) // args.batch_size
     total, warmup = args.epochs * steps_per_epoch, steps_per_epoch
@@ -196,7 +209,13 @@ def main() -> None:
             best_acc = acc
             torch.save({"model": state, "acc": acc, "epoch": epoch}, best_path)
         torch.save(
-            {"model": state, "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch, "best_acc": best_acc},
+            {
+                "model": state,
+                "opt": opt.state_dict(),
+                "gen": gen.get_state(),
+                "epoch": epoch,
+                "best_acc": best_acc,
+            },
             last_path,
         )
     ck = torch.load(best_path)

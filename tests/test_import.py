@@ -12,7 +12,9 @@ def test_import_is_light_and_lazy() -> None:
         "heavy = [m for m in ('torch', 'timm', 'transformers', 'captum', 'matplotlib') if m in sys.modules]; "
         "print(dt, ','.join(heavy))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert float(out[0]) < 3.0
     assert len(out) == 1, f"heavy modules imported eagerly: {out[1:]}"
 

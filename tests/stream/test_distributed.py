@@ -41,12 +41,16 @@ def test_streaming_equals_whole_batch_computation() -> None:
     assert streamed["num_images"] == 23
     labelled = y >= 0
     assert streamed["top1_accuracy"] == pytest.approx((pred == y)[labelled].float().mean().item())
-    assert streamed["identifiability_rate_last_block_percent"] == pytest.approx(bi.identifiability_rate(scores).item())
+    assert streamed["identifiability_rate_last_block_percent"] == pytest.approx(
+        bi.identifiability_rate(scores).item()
+    )
     assert streamed["images_with_identifiable_token_percent"] == pytest.approx(
         bi.images_with_identifiable_token(scores).item()
     )
     curves = bi.mean_identifiability(scores)
-    assert streamed["mean_identifiability_per_block"]["image tokens"] == pytest.approx(curves["image"].tolist())
+    assert streamed["mean_identifiability_per_block"]["image tokens"] == pytest.approx(
+        curves["image"].tolist()
+    )
     assert streamed["mean_identifiability_per_block"]["class token"] == pytest.approx(curves["cls"].tolist())
 
 
@@ -61,7 +65,11 @@ def test_two_processes_reduce_to_the_single_process_numbers(tmp_path: Path) -> N
     single = dataset_identifiability(small_timm(), DataLoader(dataset(), batch_size=4))
     assert distributed.keys() == single.keys()
     assert distributed["num_images"] == single["num_images"] == 23
-    for key in ("top1_accuracy", "identifiability_rate_last_block_percent", "images_with_identifiable_token_percent"):
+    for key in (
+        "top1_accuracy",
+        "identifiability_rate_last_block_percent",
+        "images_with_identifiable_token_percent",
+    ):
         assert distributed[key] == pytest.approx(single[key], abs=1e-12)
     for k, v in single["mean_identifiability_per_block"].items():
         assert distributed["mean_identifiability_per_block"][k] == pytest.approx(v, abs=1e-12)
