@@ -112,7 +112,7 @@ def _load_hf_folder(path: Path) -> LoadedModel:
 
         pp = json.loads((path / "preprocessor_config.json").read_text())
         mean, std = pp.get("image_mean", mean), pp.get("image_std", std)
-    transform = _squash_transform(size, mean, std) if resize else None
+    transform = SquashTransform(size, mean, std) if resize else None
     id2label = getattr(config, "id2label", {}) or {}
     names = [id2label.get(i) for i in range(len(id2label))]
     names = names if names and all(names) and names[0] != "LABEL_0" else None
@@ -131,10 +131,6 @@ class SquashTransform:
         img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
-
-
-def _squash_transform(size: int, mean: list[float], std: list[float]) -> SquashTransform:
-    return SquashTransform(size, mean, std)
 
 
 @dataclass
