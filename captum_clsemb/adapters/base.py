@@ -34,11 +34,12 @@ class BlockParts:
     A block computes, with ``x`` the residual stream entering it::
 
         q, k, v = qkv(norm1(x))                       # each (N, heads, T, head_dim)
-        A = softmax(q k^T * scale)                    # attention probabilities
+        q, k = rope(q, k)                             # only when set
+        A = softmax(q k^T * scale + attn_bias)        # attention probabilities (bias only when set)
         z = concat_h(A_h v_h)                         # attention key coefficients (N, T, heads*head_dim)
         attn_out = attn_post(proj(attn_out_norm(z)))  # added to the residual
         mid = x + attn_out
-        keys = act(fc1(norm2(mid)))                   # MLP key coefficients
+        keys = act(fc1(norm2(mid)))                   # MLP key coefficients (mlp_in if set)
         mlp_out = mlp_post(fc2(mlp_mid_norm(keys)))   # added to the residual
         out = mid + mlp_out
 
@@ -63,6 +64,20 @@ class BlockParts:
     # the stacked q/k/v projection weight (3 * heads * head_dim, d), rows in (q|k|v, head, dim) order, for
     # methods that need the weight itself (LRP)
     qkv_weight: Tensor | None = None
+    # Extension points for families beyond the plain ViT (None for it). Each receives the traced
+    # sequence's model-order token index (N, T') (prefix tokens first, then patch positions), or None
+    # when the sequence is the full one, so that dropped tokens keep their own positions.
+    # rope(q, k, token_index) -> (q, k): rotary position embedding applied after the q/k projection.
+    rope: Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]] | None = None
+    # attn_bias(token_index) -> additive attention-score bias broadcastable to (N, heads, T', T')
+    # (relative position bias), added after scaling and before the softmax.
+    attn_bias: Callable[[Tensor | None], Tensor] | None = None
+    # mlp_in(normed) -> MLP key coefficients (N, T, M), replacing act(fc1(normed)) (e.g. SwiGLU).
+    mlp_in: Callable[[Tensor], Tensor] | None = None
+
+    def mlp_keys(self, normed: Tensor) -> Tensor:
+        """MLP key coefficients of the (already normed) MLP input."""
+        return self.mlp_in(normed) if self.mlp_in is not None else self.act(self.fc1(normed))
 
 
 class ModelAdapter(abc.ABC):

@@ -223,7 +223,7 @@ class ClassEmbeddingGradient(GradientAttribution):
                 if source == "resid":
                     mid = resid_cls.unsqueeze(1) + state
                     mlp = parts.mlp_post(
-                        parts.fc2(parts.mlp_mid_norm(parts.act(parts.fc1(parts.norm2(mid)))))
+                        parts.fc2(parts.mlp_mid_norm(parts.mlp_keys(parts.norm2(mid))))
                     )
                     state = mid + mlp
                 logp = adapter.project(state).log_softmax(-1)  # (n, K, C)

@@ -113,17 +113,26 @@ def run_block(
     block: int,
     kinds: frozenset[str],
     edit: AttentionEdit | None = None,
+    token_index: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One block of the decomposed forward; returns the block output and the requested kinds."""
+    """One block of the decomposed forward; returns the block output and the requested kinds.
+
+    ``token_index`` is the model-order index (N, T') of the sequence's tokens when tokens were
+    dropped (None: the full sequence); position-dependent parts (``rope``, ``attn_bias``) read it.
+    """
     acts: dict[str, Tensor] = {}
     if "resid_pre" in kinds:
         acts["resid_pre"] = x
     n, t, _ = x.shape
     q, k, v = parts.qkv(parts.norm1(x))
+    if parts.rope is not None:
+        q, k = parts.rope(q, k, token_index)
     if parts.scale_before_matmul:
         scores = (q * parts.scale) @ k.transpose(-2, -1)
     else:
         scores = (q @ k.transpose(-2, -1)) * parts.scale
+    if parts.attn_bias is not None:
+        scores = scores + parts.attn_bias(token_index)
     probs = scores.softmax(dim=-1)
     if edit is not None:
         edited = edit(block, probs)
@@ -139,7 +148,7 @@ def run_block(
         acts["attn_keys"] = z
     attn_out = parts.attn_post(parts.proj(parts.attn_out_norm(z)))
     mid = x + attn_out
-    keys = parts.act(parts.fc1(parts.norm2(mid)))
+    keys = parts.mlp_keys(parts.norm2(mid))
     if "mlp_keys" in kinds:
         acts["mlp_keys"] = keys
     mlp_out = parts.mlp_post(parts.fc2(parts.mlp_mid_norm(keys)))
@@ -219,11 +228,13 @@ def trace(
     with adapter.eval_mode(), torch.set_grad_enabled(grad):
         h = adapter.embed(x)
         token_index = torch.arange(h.shape[1], device=h.device).expand(n, -1)
+        dropped = None  # the index position-dependent block parts read; None for the full sequence
         if keep_tokens is not None:
             token_index = keep_token_index(adapter, keep_tokens.to(h.device), n)
             h = h.gather(1, token_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+            dropped = token_index
         for b in range(adapter.num_blocks):
-            h, acts = run_block(adapter.block(b), h, b, kinds, edit)
+            h, acts = run_block(adapter.block(b), h, b, kinds, edit, token_index=dropped)
             if on_block is not None:
                 on_block(b, acts)
             if store:
