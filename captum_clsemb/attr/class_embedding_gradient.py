@@ -222,9 +222,7 @@ class ClassEmbeddingGradient(GradientAttribution):
                 state = parts.attn_post(parts.proj(parts.attn_out_norm(z)))
                 if source == "resid":
                     mid = resid_cls.unsqueeze(1) + state
-                    mlp = parts.mlp_post(
-                        parts.fc2(parts.mlp_mid_norm(parts.mlp_keys(parts.norm2(mid))))
-                    )
+                    mlp = parts.mlp_post(parts.fc2(parts.mlp_mid_norm(parts.mlp_keys(parts.norm2(mid)))))
                     state = mid + mlp
                 logp = adapter.project(state).log_softmax(-1)  # (n, K, C)
                 loss = -logp.gather(-1, target.unsqueeze(-1)).sum()
