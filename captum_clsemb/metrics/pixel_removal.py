@@ -87,7 +87,9 @@ def pixel_removal_auc(
 
     AUC conventions as :func:`token_removal_auc`: ``"trapezoid"`` (default,
     ``torch.trapezoid(curve, x=fractions) * 100``; 90 for a flat curve at 1 with the
-    default fractions) or ``"authors"`` (normalised sum of the mean curve).
+    default fractions) or ``"authors"`` (normalised sum of the mean curve,
+    ``sum(m) / (max(m) * (S + 1))`` for S fractions: the authors' ``sum(m) / (max(m) * P)``
+    with their P - 1 token steps; they never removed pixels).
 
     Batching: all (example, step) pairs with pixels removed are stacked and evaluated in
     forwards of at most ``max_examples_per_batch`` perturbed images (Captum's meaning);

@@ -2,6 +2,7 @@ r"""Token-removal perturbation test (Vilas et al., NeurIPS 2023, Sec. 7-8) as a 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -76,11 +77,12 @@ def token_removal_auc(
     * ``"trapezoid"`` (default): ``torch.trapezoid(curve, x=fractions) * 100`` per example,
       Chefer et al.'s convention; with fractions 0, 0.1, ..., 0.9 a curve flat at 1 scores
       90. The mean over examples is the AUC of the mean curve.
-    * ``"authors"``: Vilas et al.'s normalised sum ``sum(m) / (max(m) * S)`` of the mean
-      curve ``m``, returned per example as ``sum(curve_i) / (max(m) * S)`` so that the mean
-      over the call's examples is their number. Not an area; see
-      :func:`captum_clsemb.metrics.authors_auc` for its flaws. Their own curves keep
-      1..P-1 tokens (fractions ``k/P``), not 0..0.9.
+    * ``"authors"``: Vilas et al.'s normalised sum ``sum(m) / (max(m) * P)`` of the mean
+      curve ``m`` (P = number of patch tokens), returned per example as
+      ``sum(curve_i) / (max(m) * P)`` so that the mean over the call's examples is their
+      number. Not an area; see :func:`captum_clsemb.metrics.authors_auc` for its flaws.
+      It is their number only on their fractions ``k/P``, k = 1..P-1
+      (:func:`captum_clsemb.metrics.auc.authors_fractions`); other fractions give a warning.
 
     Batching: examples are processed in chunks of ``max_examples_per_batch``; in each chunk
     every removal step is one batched forward over the chunk (sequences of different
@@ -146,5 +148,12 @@ def token_removal_auc(
                     logits = clean if k == 0 else trace(adapter, xb, keep_tokens=order[sl, k:]).logits
                     done[k] = score_logits(logits, t, lb, score)
                 curves[sl, s] = done[k]
-    result = summarize_curves(curves, fr, auc)
+    if auc == "authors" and counts != list(range(1, num_patches)):
+        warnings.warn(
+            f"auc='authors' is the authors' number only on their fractions k/{num_patches}, k = 1..{num_patches - 1} "
+            f"(captum_clsemb.metrics.auc.authors_fractions({num_patches})); with the fractions given it is "
+            f"sum(m) / (max(m) * {num_patches}) over {len(counts)} points",
+            stacklevel=2,
+        )
+    result = summarize_curves(curves, fr, auc, num_patches)
     return (result, curves) if return_curve else result
