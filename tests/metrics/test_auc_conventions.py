@@ -39,7 +39,9 @@ def test_authors_normalised_sum_known_curve() -> None:
     # the authors' curve of 1..P-1 kept tokens has P - 1 points; their sum divides by max * P
     assert authors_auc(torch.tensor([0.8, 0.8, 0.4])).item() == pytest.approx(2.0 / (0.8 * 4))
     assert authors_auc(torch.tensor([0.8, 0.8, 0.4]), num_patches=4).item() == pytest.approx(2.0 / (0.8 * 4))
-    assert authors_auc(torch.tensor([0.8, 0.8, 0.4]), num_patches=10).item() == pytest.approx(2.0 / (0.8 * 10))
+    assert authors_auc(torch.tensor([0.8, 0.8, 0.4]), num_patches=10).item() == pytest.approx(
+        2.0 / (0.8 * 10)
+    )
     # a flat curve of P - 1 = 48 points scores 48/49 (ViT-B/32), whatever its level
     assert authors_auc(torch.full((48,), 0.3)).item() == pytest.approx(48 / 49)
     # per-example values average to the normalised sum of the mean curve
@@ -67,12 +69,10 @@ def test_token_removal_authors_auc_on_the_authors_fractions() -> None:
 
     model, x = small_timm(), images(6, seed=4)
     attr = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
-    fr = authors_fractions(16)
+    fr = authors_fractions(16)  # no labels: accuracy against the clean prediction
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning on the authors' own fractions
-        auc, curves = token_removal_auc(
-            model, x, attr, fractions=fr, auc="authors", return_curve=True  # accuracy vs the clean prediction
-        )
+        auc, curves = token_removal_auc(model, x, attr, fractions=fr, auc="authors", return_curve=True)
     m = curves.mean(0)
     assert curves.shape == (6, 15) and m.max() > 0
     assert auc.mean().item() == pytest.approx(m.sum().item() / (m.max().item() * 16), rel=1e-6)

@@ -125,7 +125,9 @@ def test_accuracy_against_labels_and_auc_conventions() -> None:
     )
     assert torch.equal(acc_t, acc)
     with pytest.warns(UserWarning, match="only on their fractions"):
-        authors = token_removal_auc(model, x, attr, labels=labels, fractions=FR, mode="positive", auc="authors")
+        authors = token_removal_auc(
+            model, x, attr, labels=labels, fractions=FR, mode="positive", auc="authors"
+        )
     torch.testing.assert_close(authors, authors_auc(acc, num_patches=16))
     # sum(m) / (max(m) * P) with P = 16 patches
     assert authors.mean().item() == pytest.approx(acc.mean(0).sum().item() / (acc.mean(0).max().item() * 16))
