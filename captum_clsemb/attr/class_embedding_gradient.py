@@ -26,7 +26,7 @@ from captum_clsemb.errors import InputValidationError
 from captum_clsemb.trace import run_block
 
 RETURN_PER = ("global", "block", "head")
-SOURCES = ("resid", "attn")
+SOURCES = ("resid", "attn", "authors")
 
 
 class ClassEmbeddingGradient(GradientAttribution):
@@ -54,10 +54,18 @@ class ClassEmbeddingGradient(GradientAttribution):
     - ``"attn"``: the attention sub-layer's output at the class token, as added to the
       residual (``attn_out``, incl. layer scale). This is what the authors' code
       (``vit_edited.Block.attn_cls``) projects.
+    - ``"authors"``: the authors' code exactly, to reproduce their perturbation numbers:
+      the ``"attn"`` state, projected, then **softmax applied twice**,
+      :math:`\ell_b = \mathrm{CrossEntropyLoss}(\operatorname{softmax}(\mathrm{lens}(\cdot)), c)
+      = -\log \operatorname{softmax}\big(\operatorname{softmax}(\mathrm{lens}(\cdot))\big)_c`
+      (``gradients.ViTGradients``). This is the behaviour of their code, not the paper's
+      definition: the inner softmax squashes the logits into [0, 1], so the loss barely
+      varies with them (it lies between :math:`\log(C - 1 + e) - 1` and
+      :math:`\log(C - 1 + e)` for :math:`C` classes) and its gradients are much smaller and shaped differently.
 
-    Differences from the authors' code: a single log-softmax (their loss applies softmax
-    twice: ``CrossEntropyLoss(softmax(logits))``), and one batched pass instead of one
-    backward per token, block and image.
+    Differences from the authors' code (``"resid"`` and ``"attn"``): a single log-softmax
+    (their loss applies softmax twice, which ``"authors"`` reproduces), and, for every
+    source, one batched pass instead of one backward per token, block and image.
 
     **How one pass gives every block and head.** :math:`\ell_b` depends on :math:`A_b` only
     through the class-token row of :math:`A_b` (nothing after the attention mixes tokens
@@ -125,8 +133,10 @@ class ClassEmbeddingGradient(GradientAttribution):
             blocks: blocks to include (int or ints, negatives count from the end, in the
                 order given). Default: all.
             heads: heads to include. Default: all.
-            source: ``"resid"`` (the block's residual output, the paper) or ``"attn"``
-                (the attention sub-layer output, the authors' code). Default: ``"resid"``.
+            source: ``"resid"`` (the block's residual output, the paper), ``"attn"``
+                (the attention sub-layer output, the state the authors' code projects) or
+                ``"authors"`` (their code exactly: the attention sub-layer output and a
+                double softmax in the loss). Default: ``"resid"``.
             interpolate_to: (H, W) to upsample the maps to bilinearly with
                 ``captum.attr.LayerAttribution.interpolate``, e.g. ``inputs.shape[-2:]``.
                 Default: None (patch grid).
@@ -151,8 +161,9 @@ class ClassEmbeddingGradient(GradientAttribution):
             raise InputValidationError(f"return_per must be one of {RETURN_PER}, got {return_per!r}")
         if source not in SOURCES:
             raise InputValidationError(
-                f"source must be 'resid' (block output, the paper) or 'attn' (attention output, the "
-                f"authors' code), got {source!r}"
+                f"source must be 'resid' (block output, the paper), 'attn' (attention output, the state "
+                f"the authors' code projects) or 'authors' (their code exactly: attention output and "
+                f"softmax applied twice), got {source!r}"
             )
         block_ids = select_indices(blocks, adapter.num_blocks, "blocks")
         head_ids = select_indices(heads, adapter.num_heads, "heads")
@@ -224,7 +235,11 @@ class ClassEmbeddingGradient(GradientAttribution):
                     mid = resid_cls.unsqueeze(1) + state
                     mlp = parts.mlp_post(parts.fc2(parts.mlp_mid_norm(parts.mlp_keys(parts.norm2(mid)))))
                     state = mid + mlp
-                logp = adapter.project(state).log_softmax(-1)  # (n, K, C)
+                logits = adapter.project(state)  # (n, K, C)
+                if source == "authors":
+                    # the authors' CrossEntropyLoss(softmax(logits)): softmax applied twice
+                    logits = logits.softmax(-1)
+                logp = logits.log_softmax(-1)
                 loss = -logp.gather(-1, target.unsqueeze(-1)).sum()
                 total = loss if total is None else total + loss
                 leaves.append(leaf)

@@ -18,7 +18,9 @@ def reference_head_maps(model, x: torch.Tensor, target: torch.Tensor, source: st
     """Independent: full-graph traced forward, one torch.autograd.grad of each l_b w.r.t. A_b.
 
     l_b = cross-entropy (one log-softmax) of lens(class-token state of block b), summed over
-    the batch (examples are independent). Returns (N, blocks, heads, P) = -dl_b/dA_b[h, cls, img].
+    the batch (examples are independent); for source="authors", torch's CrossEntropyLoss of the
+    softmax of the attention output's projection (the authors' double softmax). Returns
+    (N, blocks, heads, P) = -dl_b/dA_b[h, cls, img].
     """
     adapter = adapt(model)
     kind = "resid_post" if source == "resid" else "attn_out"
@@ -26,7 +28,10 @@ def reference_head_maps(model, x: torch.Tensor, target: torch.Tensor, source: st
     cls, p = adapter.class_token_index, adapter.num_prefix_tokens
     out = []
     for b in range(adapter.num_blocks):
-        loss = F.cross_entropy(adapter.project(tr.cache[kind, b][:, cls]), target, reduction="sum")
+        logits = adapter.project(tr.cache[kind, b][:, cls])
+        if source == "authors":
+            logits = torch.softmax(logits, dim=-1)
+        loss = F.cross_entropy(logits, target, reduction="sum")
         (g,) = torch.autograd.grad(loss, tr.cache["attn_probs", b], retain_graph=True)
         out.append(-g[:, :, cls, p:])
     return torch.stack(out, 1)
@@ -43,7 +48,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("source", ["resid", "attn"])
+@pytest.mark.parametrize("source", ["resid", "attn", "authors"])
 def test_one_pass_equals_blockwise_autograd(name: str, source: str) -> None:
     model = CASES[name]()
     x = images(3)
@@ -54,6 +59,29 @@ def test_one_pass_equals_blockwise_autograd(name: str, source: str) -> None:
     assert ours.shape == (3, 3, 4, 4, 4)
     assert ref.abs().max() > 1e-3  # a non-trivial comparison
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_authors_source_equals_their_per_image_double_softmax_loss() -> None:
+    """source="authors" against the authors' loop: per image and block, torch.nn.CrossEntropyLoss of
+    softmax(head(norm(attention output at the class token))), its gradient w.r.t. the stored attention."""
+    model = small_timm(init_values=0.3)  # layer scale: the authors project ls1(attn(norm1(x)))
+    x = images(3, seed=5)
+    target = torch.tensor([4, 0, 6])
+    ours = ClassEmbeddingGradient(model).attribute(x, target=target, return_per="head", source="authors")
+    ce = torch.nn.CrossEntropyLoss()
+    for i in range(3):
+        tr = trace(model, x[i : i + 1], grad=True, record=["attn_probs", "attn_out"])
+        for b in range(len(model.blocks)):
+            attn_cls = model.head(model.norm(tr.cache["attn_out", b][:, 0]))  # (1, C), bias included
+            loss = ce(torch.softmax(attn_cls, dim=-1), target[i : i + 1])
+            (g,) = torch.autograd.grad(loss, tr.cache["attn_probs", b])
+            ref = -g[0, :, 0, 1:].reshape(4, 4, 4)
+            assert ref.abs().max() > 1e-5
+            torch.testing.assert_close(ours[i, b], ref, atol=1e-7, rtol=1e-5)
+    # not the single-softmax loss of source="attn": a different map, not just a rescaling
+    attn = ClassEmbeddingGradient(model).attribute(x, target=target, return_per="head", source="attn")
+    a, o = attn.flatten(), ours.flatten()
+    assert torch.corrcoef(torch.stack([a, o]))[0, 1] < 0.999
 
 
 def test_sums_over_heads_and_blocks() -> None:
