@@ -366,13 +366,25 @@ class ValueVectorProjector(Attribution):
         k_classes: int | None = None,
         variant: str = "paper",
         internal_batch_size: int | None = None,
+        aggregate: str = "tokens",
+        return_per_image: bool = False,
     ) -> dict[str, Tensor]:
         r"""Key-value agreement rates per block, streamed over a dataset (paper Fig. 4b).
 
-        Rates pool tokens: each token of the group counts once (for image tokens this equals
-        the mean over images of the per-image share, as every image has the same number of
-        tokens). Images are split by whether the model's prediction equals the label
-        (with ``target=None`` the label is the prediction, so every image is "correct").
+        Two aggregations (``aggregate``):
+
+        - ``"tokens"`` (default): rates pool tokens, each token of the group counts once (for
+          image tokens this equals the mean over images of the per-image share, as every
+          image has the same number of tokens).
+        - ``"classes"``: the authors' aggregation (``compute_key_value_agr_rate``): a rate
+          per class over the tokens of that class's images, then the mean over the classes
+          (those with at least one image in the group). It equals ``"tokens"`` only when
+          every class has as many images in the group; with a correct/incorrect split it
+          rarely does.
+
+        Images are split by whether the model's prediction equals the label (with
+        ``target=None`` the label is the prediction, so every image is "correct"). The class
+        of an image is its label.
 
         Args:
             inputs: an image tensor (N, C, H, W) with ``target``, or an iterable of
@@ -380,38 +392,84 @@ class ValueVectorProjector(Attribution):
             target: labels when ``inputs`` is a tensor.
             layer, k, k_classes, variant: see :meth:`attribute`.
             internal_batch_size: chunk size for tensor inputs.
+            aggregate: ``"tokens"`` (pooled, default) or ``"classes"`` (mean of per-class
+                rates, the authors' number).
+            return_per_image: also return the per-image rates, e.g. for a test of correct
+                against incorrect images (:func:`captum_clsemb.stats.mann_whitney_u`).
+                Default: False.
         Returns:
             dict of float64 (num_blocks,) tensors in percent (NaN for an empty group):
             ``"image"``, ``"image_correct"``, ``"image_incorrect"``, ``"all"`` (every token,
-            prefix tokens included, the authors' pooling) and, for class-token models,
-            ``"cls"``, ``"cls_correct"``, ``"cls_incorrect"``; plus 0-d ``"num_images"`` and
-            ``"num_correct"``.
+            prefix tokens included, the tokens the authors pooled) and, for class-token
+            models, ``"cls"``, ``"cls_correct"``, ``"cls_incorrect"``; plus 0-d
+            ``"num_images"`` and ``"num_correct"``, and with ``aggregate="classes"`` 0-d
+            ``"num_classes"`` (classes with at least one image). With ``return_per_image``:
+            ``"per_image"``, ``{"all", "image"[, "cls"]: (N, num_blocks)}`` per-image shares
+            in percent (the class token's is 0 or 100), ``"correct"`` (N,) bool and
+            ``"labels"`` (N,), in input order.
         """
         self._check_options(layer, k, k_classes, variant)
+        if aggregate not in ("tokens", "classes"):
+            raise InputValidationError(f"aggregate must be 'tokens' or 'classes', got {aggregate!r}")
         promoted = self._all_promoted(layer, k, k_classes, variant)
-        acc = RateAccumulator(self.adapter.num_blocks)
+        nb, nc = self.adapter.num_blocks, self.adapter.num_classes
         groups = token_groups(self.adapter)
+        names = ["all", *[f"{g}{s}" for g in groups for s in ("", "_correct", "_incorrect")]]
+        # per class: agreeing tokens and tokens (float64 counts, exact), per group and block
+        hits = {name: torch.zeros(nc, nb, dtype=torch.float64) for name in names}
+        counts = {name: torch.zeros(nc, nb, dtype=torch.float64) for name in names}
+        per_image: dict[str, list[Tensor]] = {"all": [], **{g: [] for g in groups}}
+        correct_all: list[Tensor] = []
+        labels_all: list[Tensor] = []
         num_images = num_correct = 0
+
+        def add(name: str, a: Tensor, cls: Tensor) -> None:
+            """a: (n, blocks, T) agreement of one group's tokens; cls: (n,) class of each image."""
+            a = a.to(torch.float64).cpu()
+            cls = cls.cpu()
+            hits[name].index_add_(0, cls, a.sum(-1))
+            counts[name].index_add_(0, cls, torch.full(a.shape[:2], float(a.shape[-1]), dtype=torch.float64))
+
         for x, t, _ in iter_batches(self.adapter, inputs, target, None, internal_batch_size):
             agree, pred = self._agreement_batch(x, t, layer, k, promoted)
+            label = pred if t is None else t
             correct = torch.ones_like(pred, dtype=torch.bool) if t is None else pred == t
             num_images += x.shape[0]
             num_correct += int(correct.sum())
-            acc.add_mask("all", agree)
+            add("all", agree, label)
+            if return_per_image:
+                per_image["all"].append(100 * agree.to(torch.float64).mean(-1).cpu())
+                correct_all.append(correct.cpu())
+                labels_all.append(label.cpu())
             for name, pos in groups.items():
                 a = agree[:, :, pos]
                 a = a[..., None] if a.dim() == 2 else a
-                acc.add_mask(name, a)
-                acc.add_mask(f"{name}_correct", a[correct])
-                acc.add_mask(f"{name}_incorrect", a[~correct])
+                add(name, a, label)
+                add(f"{name}_correct", a[correct], label[correct])
+                add(f"{name}_incorrect", a[~correct], label[~correct])
+                if return_per_image:
+                    per_image[name].append(100 * a.to(torch.float64).mean(-1).cpu())
         if num_images == 0:
             raise InputValidationError("inputs hold no images")
-        out = {
-            name: acc.percent(name)
-            for name in ["all", *[f"{g}{s}" for g in groups for s in ("", "_correct", "_incorrect")]]
-        }
+        out: dict = {}
+        for name in names:
+            h, c = hits[name], counts[name]
+            if aggregate == "tokens":
+                total = c.sum(0)
+                out[name] = torch.where(total > 0, 100.0 * h.sum(0) / total.clamp_min(1), float("nan"))
+            else:
+                present = c > 0  # (classes, blocks); the same classes in every block
+                rate = torch.where(present, 100.0 * h / c.clamp_min(1), 0.0)
+                num = present.sum(0)
+                out[name] = torch.where(num > 0, rate.sum(0) / num.clamp_min(1), float("nan"))
         out["num_images"] = torch.tensor(num_images)
         out["num_correct"] = torch.tensor(num_correct)
+        if aggregate == "classes":
+            out["num_classes"] = torch.tensor(int((counts["all"][:, 0] > 0).sum()))
+        if return_per_image:
+            out["per_image"] = {name: torch.cat(v) for name, v in per_image.items()}
+            out["correct"] = torch.cat(correct_all)
+            out["labels"] = torch.cat(labels_all)
         return out
 
     # -- compositionality -----------------------------------------------------------------

@@ -168,6 +168,70 @@ def test_key_value_agreement_rate_matches_attribute_and_streams(model) -> None:
     assert_rates_equal(streamed, rates)
 
 
+def test_authors_class_mean_aggregation_differs_from_pooling(model) -> None:
+    # unequal images per class: class 2 has 3 images, class 7 has 1, class 5 has 2
+    x = images(6, seed=11)
+    pred = predictions(model, x)
+    labels = torch.tensor([2, 2, 2, 7, 5, 5])
+    labels[0] = pred[0]  # one image whose label is its prediction (correct), if that is not class 2
+    vvp = ValueVectorProjector(model)
+    agree = vvp.attribute(x, target=labels, layer="mlp", k=3).double()  # (N, blocks, T)
+    pooled = vvp.key_value_agreement_rate(x, target=labels, layer="mlp", k=3)
+    by_class = vvp.key_value_agreement_rate(x, target=labels, layer="mlp", k=3, aggregate="classes")
+    ok = labels == pred
+
+    def class_mean(a: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """Authors: per class, the share over all tokens of its images; then the mean over classes."""
+        rates = [100 * a[select & (labels == c)].mean(dim=(0, 2)) for c in labels[select].unique()]
+        return torch.stack(rates).mean(0)
+
+    everyone = torch.ones(6, dtype=torch.bool)
+    torch.testing.assert_close(by_class["all"], class_mean(agree, everyone))
+    torch.testing.assert_close(by_class["image"], class_mean(agree[:, :, 1:], everyone))
+    torch.testing.assert_close(by_class["cls_correct"], class_mean(agree[:, :, :1], ok))
+    torch.testing.assert_close(by_class["image_incorrect"], class_mean(agree[:, :, 1:], ~ok))
+    assert int(by_class["num_classes"]) == len(labels.unique()) and "num_classes" not in pooled
+    # the pooled default is unchanged, and the two aggregations differ on this data
+    torch.testing.assert_close(pooled["all"], 100 * agree.mean(dim=(0, 2)))
+    assert (pooled["all"] - by_class["all"]).abs().max() > 0.5
+    # equal images per class: the two agree
+    even = torch.tensor([2, 2, 7, 7, 5, 5])
+    a = vvp.key_value_agreement_rate(x, target=even, layer="mlp", k=3)
+    b = vvp.key_value_agreement_rate(x, target=even, layer="mlp", k=3, aggregate="classes")
+    torch.testing.assert_close(a["all"], b["all"])
+    # streamed batches give the same per-class numbers
+    streamed = vvp.key_value_agreement_rate(
+        make_loader(x, labels, batch_size=4), layer="mlp", k=3, aggregate="classes"
+    )
+    assert_rates_equal(streamed, by_class)
+    with pytest.raises(InputValidationError, match="aggregate"):
+        vvp.key_value_agreement_rate(x, target=labels, aggregate="images")
+
+
+def test_per_image_rates_for_the_correct_vs_incorrect_test(model) -> None:
+    from captum_clsemb.stats import mann_whitney_u
+
+    x = images(8, seed=2)
+    pred = predictions(model, x)
+    labels = pred.clone()
+    labels[[0, 3, 5]] = (pred[[0, 3, 5]] + 1) % 12
+    vvp = ValueVectorProjector(model)
+    agree = vvp.attribute(x, target=labels, layer="attn", k=3).double()
+    out = vvp.key_value_agreement_rate(
+        make_loader(x, labels, batch_size=3), layer="attn", k=3, return_per_image=True
+    )
+    torch.testing.assert_close(out["per_image"]["image"], 100 * agree[:, :, 1:].mean(-1))
+    torch.testing.assert_close(out["per_image"]["cls"], 100 * agree[:, :, 0])
+    torch.testing.assert_close(out["per_image"]["all"], 100 * agree.mean(-1))
+    assert torch.equal(out["correct"], labels == pred) and torch.equal(out["labels"], labels)
+    # pooled image-token rate = mean of the per-image shares (same token count per image)
+    torch.testing.assert_close(out["image"], out["per_image"]["image"].mean(0))
+    per = out["per_image"]["image"].numpy()
+    ok = out["correct"].numpy()
+    res = mann_whitney_u(per[ok], per[~ok])
+    assert res.n == 8 and len(res) == 3
+
+
 def test_rates_exclude_register_tokens_and_handle_gap() -> None:
     model = randomized(TIMM_VARIANTS["registers"](), seed=4)
     x = images(2)
