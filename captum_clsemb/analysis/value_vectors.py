@@ -10,7 +10,6 @@ of the output projection ``proj.weight``. Projecting value vectors onto the clas
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -30,6 +29,7 @@ from captum_clsemb.analysis._common import (
     iter_batches,
     token_groups,
 )
+from captum_clsemb.analysis.random_init import random_init_copy
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.trace import trace
 
@@ -169,18 +169,9 @@ class ValueVectorProjector(Attribution):
     def random_baseline(self, seed: int = 0, init_mode: str | None = None) -> ValueVectorProjector:
         r"""A projector over a randomly initialised copy of the model (the paper's baseline).
 
-        The model is deep-copied (the original is untouched) and every parameter is
-        re-initialised with the family's own initialisation:
-
-        - timm: ``model.init_weights(mode)``, by default the standard timm ViT init
-          (``mode=''``: truncated normal std 0.02 for linear layers, zero biases), which is
-          what ``timm.create_model(name, pretrained=False)`` gives, i.e. the authors'
-          baseline, also for a model built with ``weight_init='skip'``.
-        - Hugging Face: the ``_is_hf_initialized`` flags of the copy are cleared and
-          ``model.init_weights()`` re-runs the model's ``_init_weights`` on every module
-          (normal with ``config.initializer_range``).
-
-        The global RNG state is left unchanged (the init runs under ``torch.random.fork_rng``).
+        The model is copied and re-initialised by
+        :func:`~captum_clsemb.analysis.random_init_copy` (the family's own default
+        initialisation, seeded; the original model and the global RNG state are untouched).
 
         Args:
             seed: seed for the initialisation.
@@ -188,31 +179,8 @@ class ValueVectorProjector(Attribution):
         Returns:
             a :class:`ValueVectorProjector` over the random copy (same class names).
         """
-        model = copy.deepcopy(self.adapter.model)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            if self.adapter.family == "timm":
-                if init_mode is None or init_mode == "":
-                    # init_weights('') falls back to weight_init_mode ('reset' after weight_init='skip').
-                    model.weight_init_mode = ""
-                    model.init_weights()
-                else:
-                    model.init_weights(mode=init_mode)
-            elif self.adapter.family == "hf":
-                if init_mode is not None:
-                    raise InputValidationError("init_mode applies to timm models only; leave it None")
-                for module in model.modules():
-                    if hasattr(module, "_is_hf_initialized"):
-                        module._is_hf_initialized = False
-                    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-                        if hasattr(t, "_is_hf_initialized"):
-                            t._is_hf_initialized = False
-                model.init_weights()
-            else:  # pragma: no cover - adapt() only returns the two families
-                raise InputValidationError(
-                    f"no random initialisation known for family {self.adapter.family!r}"
-                )
-        return ValueVectorProjector(model.eval(), class_names=self.class_names)
+        model = random_init_copy(self.adapter, seed=seed, init_mode=init_mode)
+        return ValueVectorProjector(model, class_names=self.class_names)
 
     def top_classes(self, block: int, layer: str = "mlp", memory: int = 0, k: int = 5) -> list[ClassScore]:
         r"""The k classes a value vector promotes most: top-k of ``E · v`` (raw weights).
