@@ -11,6 +11,9 @@ r"""Mechanistic analyses in class embedding space (paper Sec. 5 and 6).
 - Perturbations: :func:`attention_edit_effect`, :func:`token_group_removal_effect`,
   :func:`class_context_identifiability`, :func:`patch_labels_from_mask`,
   :func:`make_composite_images`.
+- Segmentation masks: :func:`read_mask` (ImageNet-S and single-channel PNGs),
+  :func:`find_masks`, :func:`mask_token_labels`, and :func:`class_context_comparison`
+  (Fig. 3a with its permutation test).
 
 Dataset-level functions take an image tensor (with ``target``/``masks``) or an iterable of
 ``(images, labels[, masks])`` batches such as a DataLoader, and keep only per-block sums.
@@ -18,6 +21,16 @@ Dataset-level functions take an image tensor (with ``target``/``masks``) or an i
 
 from captum_clsemb.analysis.class_building import class_similarity_change, class_similarity_change_rate
 from captum_clsemb.analysis.identifiability import identifiability_summary
+from captum_clsemb.analysis.masks import (
+    ClassContextComparison,
+    class_context_comparison,
+    find_masks,
+    input_region,
+    mask_coverage,
+    mask_token_labels,
+    read_mask,
+    transform_geometry,
+)
 from captum_clsemb.analysis.model_comparison import (
     IdentifiabilityRecord,
     ModelComparison,
@@ -55,6 +68,14 @@ __all__ = [
     "resample_depth",
     "depth_weights",
     "random_init_copy",
+    "read_mask",
+    "find_masks",
+    "input_region",
+    "transform_geometry",
+    "mask_coverage",
+    "mask_token_labels",
+    "class_context_comparison",
+    "ClassContextComparison",
     "attention_edit_effect",
     "class_context_identifiability",
     "token_group_removal_effect",

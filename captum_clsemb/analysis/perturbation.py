@@ -145,10 +145,15 @@ def patch_labels_from_mask(mask: Tensor, grid: int | tuple[int, int], threshold:
 
         >>> labels = patch_labels_from_mask(masks, adapter.grid_size, threshold=0.5)
     """
+    return coverage_to_labels(patch_coverage(mask, grid), threshold)
+
+
+def coverage_to_labels(coverage: Tensor, threshold: float = 0.5) -> Tensor:
+    r"""The class-token rule: covered share at least ``threshold`` (in (0, 1], default 0.5)."""
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
         raise InputValidationError(f"threshold must be a number in (0, 1], got {threshold!r}")
     # A tiny tolerance so that e.g. 8/16 covered pixels count as 0.5 despite float rounding.
-    return patch_coverage(mask, grid) >= threshold - 1e-6
+    return coverage >= threshold - 1e-6
 
 
 def _patch_labels(adapter: ModelAdapter, masks: Tensor | None, threshold: float) -> Tensor:
