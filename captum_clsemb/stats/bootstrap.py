@@ -8,6 +8,7 @@ one image are not independent, so rates pooled over tokens are resampled by imag
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -137,8 +138,9 @@ def bootstrap_ratio_ci(
         confidence_level, n_resamples, seed, batch: see :func:`bootstrap_ci`.
     Returns:
         :class:`~captum_clsemb.stats.ConfidenceInterval` with ``statistic="ratio_of_sums"``.
-        A resample whose denominator sums to 0 gives NaN; units with a zero denominator
-        still count as units.
+        Units with a zero denominator still count as units; if some resample's
+        denominators sum to 0 (only likely when nearly all units have none), its ratio is
+        undefined and the interval is NaN.
     """
     level = _check_level(confidence_level)
     check_resamples(n_resamples)
@@ -157,18 +159,21 @@ def bootstrap_ratio_ci(
     if a.shape[0] < 2:
         low = high = np.full(np.shape(estimate), np.nan)
     else:
-        res = st.bootstrap(
-            (a, c),
-            _ratio,
-            n_resamples=n_resamples,
-            batch=_batch(batch, a.shape[0] * 2, a.shape[1] if batched else 1),
-            vectorized=True,
-            paired=True,
-            axis=0,
-            confidence_level=level,
-            method="percentile",
-            rng=seed,
-        )
+        with warnings.catch_warnings():
+            # resamples whose denominators sum to 0 give NaN, and scipy warns about degenerate data
+            warnings.simplefilter("ignore", st.DegenerateDataWarning)
+            res = st.bootstrap(
+                (a, c),
+                _ratio,
+                n_resamples=n_resamples,
+                batch=_batch(batch, a.shape[0] * 2, a.shape[1] if batched else 1),
+                vectorized=True,
+                paired=True,
+                axis=0,
+                confidence_level=level,
+                method="percentile",
+                rng=seed,
+            )
         low, high = res.confidence_interval.low, res.confidence_interval.high
     return ConfidenceInterval(
         _squeeze(estimate, batched),
