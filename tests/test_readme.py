@@ -1,7 +1,7 @@
 """The README's Python blocks run as written, and its commands are the ones the project uses.
 
 The Python blocks of README.md run in order in one namespace, as a reader pasting them into
-one session would, except the blocks preceded by ``<!-- readme-test: skip (reason) -->``
+one interpreter would, except the blocks preceded by ``<!-- readme-test: skip (reason) -->``
 (the timm hub example, which downloads weights). Their results are checked against
 computations that do not use the package: timm's own modules for the identifiability rate.
 """

@@ -22,8 +22,8 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
-HELPER = "execute.py"  # re-executes and re-pairs the notebooks; not a tutorial
-SOURCES = sorted(p for p in TUTORIALS.glob("*.py") if p.name != HELPER)
+EXECUTE_SCRIPT = "execute.py"  # re-executes and re-pairs the notebooks; not a tutorial
+SOURCES = sorted(p for p in TUTORIALS.glob("*.py") if p.name != EXECUTE_SCRIPT)
 # Generous: under `pytest -n 2` two notebooks share the cores with other tests; on its own
 # each notebook runs in well under two minutes (`python tutorials/execute.py` prints the times).
 CELL_TIMEOUT = 600
@@ -96,19 +96,19 @@ def test_notebook_executes_without_errors(source: Path, venv_kernel: str) -> Non
     assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
-def test_execute_helper_takes_cells_from_the_source_and_ids_from_the_notebook(tmp_path: Path) -> None:
+def test_execute_script_takes_cells_from_the_source_and_ids_from_the_notebook(tmp_path: Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tutorials_execute", TUTORIALS / HELPER)
-    helper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helper)
+    spec = importlib.util.spec_from_file_location("tutorials_execute", TUTORIALS / EXECUTE_SCRIPT)
+    execute_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(execute_script)
     source, ipynb = SOURCES[0], SOURCES[0].with_suffix(".ipynb")
     # an edited copy of the first tutorial: one text line changed in the .py only
     edited = tmp_path / source.name
     edited.write_text(source.read_text().replace("# # 1. The class embedding lens", "# # 1. Edited title", 1))
     (tmp_path / ipynb.name).write_bytes(ipynb.read_bytes())
-    assert [p.name for p in helper.sources(tmp_path)] == [source.name]
-    nb = helper.notebook_from_source(edited)
+    assert [p.name for p in execute_script.sources(tmp_path)] == [source.name]
+    nb = execute_script.notebook_from_source(edited)
     assert _cells(nb) == _cells(jupytext.read(edited)) != _cells(jupytext.read(ipynb))
     assert nb.cells[0].source.startswith("# 1. Edited title")
     assert [c.id for c in nb.cells] == [c.id for c in nbformat.read(ipynb, as_version=4).cells]
