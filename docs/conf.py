@@ -156,3 +156,17 @@ def _write_toplevel_table() -> None:
 
 _copy_tutorials()
 _write_toplevel_table()
+
+
+# Pages whose figures are computed by docs/_figures.py (plot directives with ``:context:``,
+# which always re-run): re-read on every build, since the figures depend on the package and
+# the bundled model, not only on the page's text.
+FIGURE_SECTIONS = ("attributions", "metrics", "analyses")
+
+
+def _redraw_figures(app, env, added, changed, removed) -> list[str]:
+    return sorted(doc for doc in env.found_docs if doc.split("/")[0] in FIGURE_SECTIONS)
+
+
+def setup(app) -> None:
+    app.connect("env-get-outdated", _redraw_figures)
