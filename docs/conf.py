@@ -4,10 +4,17 @@ Build (warnings are errors)::
 
     sphinx-build -W --keep-going -b html docs docs/_build/html
 
+The build works offline and the pages it writes load nothing from the network: MathJax is
+shipped in ``_static/mathjax`` (``sphinx-mathjax-offline``).
+
 The tutorials are rendered from ``tutorials/*.ipynb`` with their stored outputs: the
 notebooks are copied into ``docs/tutorials/`` (ignored by git) when the build starts, and
-myst-nb never executes them (``nb_execution_mode = "off"``). Regenerate and execute them
-with ``python tutorials/build_tutorials.py``.
+myst-nb never executes them (``nb_execution_mode = "off"``). Re-execute them from their
+Jupytext sources with ``python tutorials/execute.py``.
+
+The figures of the attribution, metric and analysis pages are computed during the build on
+the bundled model and images, by the ``plot`` directive (``matplotlib.sphinxext.plot_directive``)
+calling the functions of ``docs/_figures.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS))  # _figures, for the plot directives
 
 import captum_clsemb  # noqa: E402
 
@@ -38,12 +46,14 @@ extensions = [
     "sphinx_autodoc_typehints",
     "sphinx.ext.viewcode",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax shipped in _static/mathjax: formulas render offline
+    "matplotlib.sphinxext.plot_directive",
     "myst_nb",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 root_doc = "index"
-exclude_patterns = ["_build", "dev", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 
 # -- autodoc --------------------------------------------------------------------------------
 # Our classes document their constructor arguments in the class docstring; "both" would
@@ -81,6 +91,15 @@ nb_execution_mode = "off"  # render the stored outputs; never execute during the
 nb_merge_streams = True
 myst_enable_extensions = ["dollarmath", "amsmath"]
 suppress_warnings = ["mystnb.unknown_mime_type"]
+
+# -- figures (plot directive) -----------------------------------------------------------------
+# One PNG per figure, no source code or download links under it: the pages show their own
+# code examples, and docs/_figures.py says how each figure is made.
+plot_formats = [("png", 100)]
+plot_include_source = False
+plot_html_show_formats = False
+plot_html_show_source_link = False
+plot_pre_code = ""
 
 # -- HTML -----------------------------------------------------------------------------------
 html_theme = "furo"
@@ -137,3 +156,17 @@ def _write_toplevel_table() -> None:
 
 _copy_tutorials()
 _write_toplevel_table()
+
+
+# Pages whose figures are computed by docs/_figures.py (plot directives with ``:context:``,
+# which always re-run): re-read on every build, since the figures depend on the package and
+# the bundled model, not only on the page's text.
+FIGURE_SECTIONS = ("attributions", "metrics", "analyses")
+
+
+def _redraw_figures(app, env, added, changed, removed) -> list[str]:
+    return sorted(doc for doc in env.found_docs if doc.split("/")[0] in FIGURE_SECTIONS)
+
+
+def setup(app) -> None:
+    app.connect("env-get-outdated", _redraw_figures)

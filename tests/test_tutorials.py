@@ -1,27 +1,31 @@
-"""The tutorial notebooks execute without errors and match their generator.
+"""The tutorials: Jupytext sources paired with executed notebooks that run without errors.
 
-Each notebook in ``tutorials/`` is executed with nbclient on a ``python3`` kernel that runs
-this interpreter (the venv's), 600 s per cell at most. Skipped cleanly when nbclient,
-nbformat or ipykernel are missing.
+Every ``tutorials/*.py`` but ``execute.py`` is a tutorial source in Jupytext's percent
+format, paired with ``tutorials/<name>.ipynb``, the executed notebook the docs render. The
+tests check the pairing (both files, the same cells), that the stored notebook was executed,
+and execute each notebook with nbclient on a ``python3`` kernel that runs this interpreter
+(600 s per cell at most). Skipped cleanly when jupytext, nbclient, nbformat or ipykernel are
+missing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+jupytext = pytest.importorskip("jupytext")
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
-NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
-# Generous: under `pytest -n 2` two notebooks share the cores with other tests; the 2-minute budget per
-# notebook is what `tutorials/build_tutorials.py` measures on its own.
+EXECUTE_SCRIPT = "execute.py"  # re-executes and re-pairs the notebooks; not a tutorial
+SOURCES = sorted(p for p in TUTORIALS.glob("*.py") if p.name != EXECUTE_SCRIPT)
+# Generous: under `pytest -n 2` two notebooks share the cores with other tests; on its own
+# each notebook runs in well under two minutes (`python tutorials/execute.py` prints the times).
 CELL_TIMEOUT = 600
 
 
@@ -38,36 +42,50 @@ def venv_kernel(tmp_path, monkeypatch):
     return "python3"
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("build_tutorials", TUTORIALS / "build_tutorials.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _cells(nb) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source) for c in nb.cells]
 
 
 def test_there_are_tutorials() -> None:
-    assert [p.name for p in NOTEBOOKS][:1] == ["1_class_embedding_lens.ipynb"]
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_matches_generator_and_stores_outputs(path: Path) -> None:
-    # The docs render the stored outputs, so every code cell must have been executed, and the
-    # committed notebook must be what tutorials/build_tutorials.py writes.
-    gen = _generator()
-    assert path.stem in gen.TUTORIALS, f"{path.name} has no entry in build_tutorials.TUTORIALS"
-    stored = nbformat.read(path, as_version=4)
-    expected = gen.build(path.stem, gen.TUTORIALS[path.stem])
-    assert [(c.cell_type, c.source) for c in stored.cells] == [
-        (c.cell_type, c.source) for c in expected.cells
+    assert [p.name for p in SOURCES][:4] == [
+        "1_class_embedding_lens.py",
+        "2_explanations.py",
+        "3_perturbation_auc.py",
+        "4_value_vectors.py",
     ]
+
+
+def test_every_notebook_has_a_source() -> None:
+    # A notebook without its .py would never be re-executed by tutorials/execute.py.
+    orphans = [p.name for p in TUTORIALS.glob("*.ipynb") if not p.with_suffix(".py").is_file()]
+    assert not orphans, f"notebooks without a paired Jupytext source: {orphans}"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
+def test_source_is_paired_with_its_executed_notebook(source: Path) -> None:
+    text = jupytext.read(source)
+    assert text.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", (
+        f"{source.name} needs the Jupytext header pairing it with its notebook: "
+        f"`jupytext --set-formats ipynb,py:percent tutorials/{source.name}`"
+    )
+    assert "# %%" in source.read_text(), f"{source.name} is not in the percent format"
+    ipynb = source.with_suffix(".ipynb")
+    assert ipynb.is_file(), f"{ipynb.name} is missing: run `python tutorials/execute.py {source.stem}`"
+    stored = jupytext.read(ipynb)
+    # The notebook holds exactly the source's cells (code and text), in order.
+    assert _cells(stored) == _cells(text), (
+        f"{ipynb.name} differs from {source.name}: run `python tutorials/execute.py {source.stem}`"
+    )
+    assert stored.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent"
+    # The docs render the stored outputs, so every code cell must have been executed.
     code = [c for c in stored.cells if c.cell_type == "code"]
     assert code and all(c.execution_count is not None for c in code)
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes_without_errors(path: Path, venv_kernel: str) -> None:
-    nb = nbformat.read(path, as_version=4)
+@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
+def test_notebook_executes_without_errors(source: Path, venv_kernel: str) -> None:
+    nb = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=CELL_TIMEOUT, kernel_name=venv_kernel, resources={"metadata": {"path": str(TUTORIALS)}}
     )
@@ -76,3 +94,23 @@ def test_notebook_executes_without_errors(path: Path, venv_kernel: str) -> None:
     assert not [o for o in outputs if o.output_type == "error"]
     # every tutorial draws at least one figure
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_execute_script_takes_cells_from_the_source_and_ids_from_the_notebook(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tutorials_execute", TUTORIALS / EXECUTE_SCRIPT)
+    execute_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(execute_script)
+    source, ipynb = SOURCES[0], SOURCES[0].with_suffix(".ipynb")
+    # an edited copy of the first tutorial: one text line changed in the .py only
+    edited = tmp_path / source.name
+    edited.write_text(source.read_text().replace("# # 1. The class embedding lens", "# # 1. Edited title", 1))
+    (tmp_path / ipynb.name).write_bytes(ipynb.read_bytes())
+    assert [p.name for p in execute_script.sources(tmp_path)] == [source.name]
+    nb = execute_script.notebook_from_source(edited)
+    assert _cells(nb) == _cells(jupytext.read(edited)) != _cells(jupytext.read(ipynb))
+    assert nb.cells[0].source.startswith("# 1. Edited title")
+    assert [c.id for c in nb.cells] == [c.id for c in nbformat.read(ipynb, as_version=4).cells]
+    assert all(c.outputs == [] and c.execution_count is None for c in nb.cells if c.cell_type == "code")
+    assert nb.metadata["jupytext"]["formats"] == "ipynb,py:percent"
