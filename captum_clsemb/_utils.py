@@ -77,7 +77,7 @@ def check_finite(inputs: Tensor, what: str = "inputs", first_index: int = 0) -> 
     it fails. ``first_index`` offsets the reported indices (for a batch taken from a
     larger stream).
     """
-    if not inputs.is_floating_point() and not inputs.is_complex():
+    if inputs.dim() == 0 or not (inputs.is_floating_point() or inputs.is_complex()):
         return
     finite = torch.isfinite(inputs)
     if bool(finite.all()):

@@ -189,7 +189,7 @@ def captum_attribute(attribute: Callable) -> Callable:
       and repeated over the C channels, giving (N, C, H, W) like the inputs, the shape
       ``captum.metrics.infidelity`` expects.
     - Gradient methods refuse ``torch.inference_mode()`` with a message (autograd is off
-      there); ``torch.no_grad()`` is fine.
+      there); ``torch.no_grad()`` is fine, and inputs made under inference mode are copied.
 
     Put it below ``@log_usage``: Captum's ``NoiseTunnel`` calls ``attribute.__wrapped__``,
     which then still applies these conventions.
@@ -204,6 +204,9 @@ def captum_attribute(attribute: Callable) -> Callable:
         check_additional_forward_args(bound.arguments.get("additional_forward_args"))
         if isinstance(self, GradientAttribution):
             check_grad_mode(self)
+            if isinstance(inputs, Tensor) and inputs.is_inference():
+                # made under inference_mode: autograd cannot save it; a copy is a normal tensor
+                bound.arguments["inputs"] = inputs = inputs.clone()
         channels = None
         interpolate_to = bound.arguments.get("interpolate_to")
         if isinstance(interpolate_to, str) and interpolate_to == "input":

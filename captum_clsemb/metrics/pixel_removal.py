@@ -9,7 +9,7 @@ from captum.attr import LayerAttribution
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_clsemb._utils import TargetType
+from captum_clsemb._utils import TargetType, check_finite
 from captum_clsemb.adapters import ModelAdapter
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.metrics._common import (
@@ -125,6 +125,9 @@ def pixel_removal_auc(
     check_options(mode, score, auc)
     if not isinstance(inputs, Tensor) or inputs.dim() != 4:
         raise InputValidationError("inputs must be a tensor of images (N, C, H, W)")
+    if inputs.shape[0] == 0:
+        raise InputValidationError("inputs hold no images (a batch of size 0); pass at least one image")
+    check_finite(inputs)
     x = inputs
     n, num_pixels = x.shape[0], x.shape[2] * x.shape[3]
     fr = check_fractions(fractions)
@@ -138,6 +141,8 @@ def pixel_removal_auc(
         raise InputValidationError(
             f"baseline must be a scalar or broadcastable to the inputs {tuple(x.shape)}: {e}"
         ) from e
+    if not bool(torch.isfinite(base).all()):
+        raise InputValidationError("baseline contains NaN or infinite values; use finite pixel values")
     chunk = check_batch_size(max_examples_per_batch, n * len(counts))
     curves = torch.empty(n, len(counts), dtype=x.dtype, device=x.device)
     with torch.no_grad():

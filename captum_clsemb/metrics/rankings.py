@@ -10,7 +10,7 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_clsemb._utils import TargetType, format_target, rank_of_target
+from captum_clsemb._utils import TargetType, check_finite, format_inputs, format_target, rank_of_target
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.trace import trace
@@ -117,12 +117,18 @@ class RandomRanking:
             inputs: images (N, C, H, W); only N is used.
             target: ignored (the ranking is class-agnostic).
         Returns:
-            *Tensor* (N, 1, h, w) of random ranks, on the inputs' device.
+            *Tensor* (N, 1, h, w) of random ranks, on the inputs' device (a 1-tuple for a
+            1-tuple of inputs).
         """
+        inputs, is_inputs_tuple = format_inputs(inputs)
+        if not isinstance(inputs, Tensor) or inputs.dim() == 0 or inputs.shape[0] == 0:
+            raise InputValidationError("inputs must be a non-empty batch of images (N, C, H, W)")
+        check_finite(inputs)
         n = inputs.shape[0]
         out = random_attributions(n, self.grid, self.seed, self.offset, self.per_image)
         self.offset += n
-        return out.to(inputs.device)
+        out = out.to(inputs.device)
+        return (out,) if is_inputs_tuple else out
 
 
 # --------------------------------------------------------------------------------------------
