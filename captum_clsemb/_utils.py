@@ -48,9 +48,9 @@ def check_additional_forward_args(additional_forward_args: object) -> None:
     """Captum's ``additional_forward_args``: only None, since the models take images only."""
     if additional_forward_args is not None:
         raise InputValidationError(
-            "additional_forward_args must be None: the supported ViTs take the image tensor as their only "
-            f"input, got {type(additional_forward_args).__name__}. Pass extra model inputs by wrapping the "
-            "model, or leave additional_forward_args out"
+            "additional_forward_args must be None: the ViT adapters take images only (the image tensor is "
+            f"the model's one input), got {type(additional_forward_args).__name__}. Leave it out, or wrap a "
+            "model that needs extra inputs so that it takes images only"
         )
 
 
