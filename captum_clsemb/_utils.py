@@ -119,6 +119,7 @@ def format_target(
             "target must be an int class index, a list of ints or a tensor, not a bool"
         )
     if _is_index(target):
+        _check_class(int(target), num_classes)
         t = torch.full((num_examples,), int(target), dtype=torch.long)
     elif isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -140,17 +141,21 @@ def format_target(
                 f"give (c,) for class c for every example, or a list of N ints for one class per example; "
                 f"got {target!r}"
             )
+        _check_class(int(target[0]), num_classes)
         t = torch.full((num_examples,), int(target[0]), dtype=torch.long)
     elif isinstance(target, list):
         if all(_is_index(v) for v in target):
-            t = torch.tensor([int(v) for v in target], dtype=torch.long)
+            values = [int(v) for v in target]
         elif all(isinstance(v, (tuple, list)) and len(v) == 1 and _is_index(v[0]) for v in target):
-            t = torch.tensor([int(v[0]) for v in target], dtype=torch.long)
+            values = [int(v[0]) for v in target]
         else:
             raise InputValidationError(
                 "a target list must hold one class per example: N ints or N 1-tuples (c,), got "
                 f"{_short(target)}"
             )
+        for v in values:
+            _check_class(v, num_classes)
+        t = torch.tensor(values, dtype=torch.long)
     else:
         raise InputValidationError(
             f"unsupported target type {type(target).__name__}; use an int, a list of ints or a tensor (N,)"
@@ -166,6 +171,13 @@ def format_target(
             f"target {bad} is out of range: the model has {num_classes} classes (valid targets 0..{num_classes - 1})"
         )
     return t.to(device)
+
+
+def _check_class(c: int, num_classes: int) -> None:
+    if not 0 <= c < num_classes:
+        raise InputValidationError(
+            f"target {c} is out of range: the model has {num_classes} classes (valid targets 0..{num_classes - 1})"
+        )
 
 
 def _short(value: object, limit: int = 80) -> str:

@@ -98,6 +98,12 @@ def format_targets(
             )
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for r in rows for v in r):
             raise InputValidationError("target lists must contain int class indices")
+        bad = [int(v) for r in rows for v in r if not 0 <= v < num_classes]
+        if bad:
+            raise InputValidationError(
+                f"target {bad[0]} is out of range: the model has {num_classes} classes "
+                f"(valid targets 0..{num_classes - 1})"
+            )
         if lengths == {1}:  # Captum's list of 1-tuples: one target per example
             return _single(target, num_examples, num_classes, device), False
         target = torch.tensor([[int(v) for v in r] for r in rows], dtype=torch.long)

@@ -10,7 +10,14 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_clsemb._utils import TargetType, check_finite, format_inputs, format_target, rank_of_target
+from captum_clsemb._utils import (
+    TargetType,
+    check_batch_size,
+    check_finite,
+    format_inputs,
+    format_target,
+    rank_of_target,
+)
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.trace import trace
@@ -217,6 +224,7 @@ class LinearProbeRanking(Attribution):
         """
         adapter = self.adapter
         x = adapter.check_inputs(images)
+        check_batch_size(batch_size, "batch_size")
         n, num_classes = x.shape[0], adapter.num_classes
         if n < 2:
             raise InputValidationError("fit needs at least 2 labelled images")
@@ -307,6 +315,7 @@ class LinearProbeRanking(Attribution):
         """
         adapter = self.adapter
         x = adapter.check_inputs(inputs)
+        check_batch_size(internal_batch_size)
         chosen = self._check_fitted(layer, self.blocks if blocks is None else blocks)
         n = x.shape[0]
         tgt = format_target(target, n, adapter.num_classes, x.device)
@@ -344,6 +353,7 @@ class LinearProbeRanking(Attribution):
         """
         adapter = self.adapter
         x = adapter.check_inputs(inputs)
+        check_batch_size(internal_batch_size)
         chosen = self._check_fitted(layer, self.blocks)
         n = x.shape[0]
         y = format_target(labels, n, adapter.num_classes, x.device)
