@@ -9,7 +9,7 @@ from captum.attr import LayerAttribution
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_clsemb._utils import TargetType, check_finite
+from captum_clsemb._utils import TargetType, check_finite, format_inputs
 from captum_clsemb.adapters import ModelAdapter
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.metrics._common import (
@@ -125,6 +125,7 @@ def pixel_removal_auc(
         >>> pixel_removal_auc(model, x, attr, labels=y, mode="positive").mean()
     """
     check_options(mode, score, auc)
+    inputs, _ = format_inputs(inputs)
     if not isinstance(inputs, Tensor) or inputs.dim() != 4:
         raise InputValidationError("inputs must be a tensor of images (N, C, H, W)")
     adapter = input_checker(forward_func)

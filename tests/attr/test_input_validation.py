@@ -150,7 +150,13 @@ def test_which_forward_hooks_fire(method) -> None:
     timm_model = small_timm()
     fired = _fired(timm_model, lambda: method(timm_model).attribute(x, target=1))
     assert not fired & {"", "blocks", "blocks.0", "blocks.2", "blocks.0.attn", "blocks.1.mlp"}
-    assert {"patch_embed", "blocks.0.norm1", "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.norm2"} <= fired
+    assert {
+        "patch_embed",
+        "blocks.0.norm1",
+        "blocks.0.attn.qkv",
+        "blocks.0.mlp.fc1",
+        "blocks.1.norm2",
+    } <= fired
     hf_model = small_hf()
     fired = _fired(hf_model, lambda: method(hf_model).attribute(x, target=1))
     assert not fired & {"", "vit", "vit.layers.0", "vit.layers.0.attention", "vit.layers.0.mlp"}
