@@ -9,3 +9,15 @@ class UnsupportedModelError(TypeError):
 
 class InputValidationError(ValueError):
     """Inputs, targets or options do not fit the model (shape, size, dtype, range, batch)."""
+
+
+class NonFiniteInputError(InputValidationError):
+    """Some input images contain NaN or infinite values.
+
+    ``indices`` lists the offending examples (positions in the batch that was checked), so
+    that a caller can drop them and retry.
+    """
+
+    def __init__(self, message: str, indices: list[int]) -> None:
+        super().__init__(message)
+        self.indices = list(indices)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from captum_clsemb._utils import check_finite
 from captum_clsemb.errors import InputValidationError
 
 QKVFn = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -245,7 +246,14 @@ class ModelAdapter(abc.ABC):
 
     # -- input checks and mode handling --------------------------------------------------------
     def check_inputs(self, inputs: object) -> Tensor:
-        """Validate an image batch, returning it; raise InputValidationError naming the fix."""
+        r"""Validate an image batch, returning it; raise InputValidationError naming the fix.
+
+        Checks, in order: a tensor (or a 1-tuple of one tensor, Captum's form) of shape
+        (N, C, H, W), floating point, on the model's device, in the model's dtype, with the
+        model's channels and image size, at least one image, and finite values (one
+        ``isfinite`` reduction; :class:`~captum_clsemb.errors.NonFiniteInputError` lists the
+        offending example indices). Every attribution, metric and analysis calls it first.
+        """
         if isinstance(inputs, tuple) and len(inputs) == 1:
             inputs = inputs[0]
         if not isinstance(inputs, Tensor):
@@ -263,6 +271,11 @@ class ModelAdapter(abc.ABC):
                 "apply the model's preprocessing (e.g. timm.data.create_transform) or x.float()"
             )
         param = next(self.model.parameters())
+        if inputs.device != param.device:
+            raise InputValidationError(
+                f"inputs are on device {inputs.device} but the model is on {param.device}; move the images "
+                f"with x.to({str(param.device)!r}) (or the model with model.to({str(inputs.device)!r}))"
+            )
         if inputs.dtype != param.dtype:
             raise InputValidationError(
                 f"inputs are {inputs.dtype} but the model's weights are {param.dtype}; cast with x.to({param.dtype})"
@@ -278,6 +291,11 @@ class ModelAdapter(abc.ABC):
                 f"{h}x{w}; resize with the model's preprocessing (timm.data.resolve_data_config + create_transform, "
                 "or the Hugging Face image processor)"
             )
+        if inputs.shape[0] == 0:
+            raise InputValidationError(
+                "inputs hold no images (a batch of size 0); pass at least one image (N >= 1)"
+            )
+        check_finite(inputs)
         return inputs
 
     @contextlib.contextmanager

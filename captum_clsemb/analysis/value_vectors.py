@@ -19,7 +19,7 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_clsemb._utils import TargetType
+from captum_clsemb._utils import TargetType, check_batch_size
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.analysis._common import (
     DataType,
@@ -296,6 +296,7 @@ class ValueVectorProjector(Attribution):
             *Tensor* bool (N, num_blocks, num_tokens), tokens in model order.
         """
         self._check_options(layer, k, k_classes, variant)
+        check_batch_size(internal_batch_size)
         promoted = self._all_promoted(layer, k, k_classes, variant)
         chunks = [
             self._agreement_batch(x, t, layer, k, promoted)[0]
@@ -379,6 +380,7 @@ class ValueVectorProjector(Attribution):
         self._check_options(layer, k, k_classes, variant)
         if aggregate not in ("tokens", "classes"):
             raise InputValidationError(f"aggregate must be 'tokens' or 'classes', got {aggregate!r}")
+        check_batch_size(internal_batch_size)
         promoted = self._all_promoted(layer, k, k_classes, variant)
         nb, nc = self.adapter.num_blocks, self.adapter.num_classes
         groups = token_groups(self.adapter)
@@ -472,6 +474,7 @@ class ValueVectorProjector(Attribution):
             and, for class-token models, ``"cls"``.
         """
         self._check_options(layer, k)
+        check_batch_size(internal_batch_size)
         nb = self.adapter.num_blocks
         memory_top1 = [self.value_projection(b, layer).argmax(0) for b in range(nb)]
         lens = dict(apply_norm=apply_norm, include_bias=include_bias)

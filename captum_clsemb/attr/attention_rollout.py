@@ -13,6 +13,7 @@ from captum_clsemb._utils import TargetType, format_target
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.attr._explanation_utils import (
     batch_slices,
+    captum_attribute,
     check_batch_size,
     check_interpolate_to,
     require_class_token,
@@ -90,31 +91,37 @@ class AttentionRollout(Attribution):
         Attribution.__init__(self, self.adapter.model)
 
     @log_usage(part_of_slo=True)
+    @captum_attribute
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
+        additional_forward_args: None = None,
         head_fusion: str = "mean",
         discard_ratio: float = 0.0,
         start_block: int = 0,
-        interpolate_to: Sequence[int] | None = None,
+        interpolate_to: Sequence[int] | str | None = None,
         internal_batch_size: int | None = None,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor]:
         r"""
         Args:
-            inputs: images (N, C, H, W) preprocessed for the model.
+            inputs: images (N, C, H, W) preprocessed for the model, or a 1-tuple
+                ``(images,)`` (the result is then a 1-tuple too).
             target: accepted (and validated) for a uniform interface with the gradient
                 methods; rollout does not depend on the class, so it is otherwise unused.
+            additional_forward_args: must be None (the models take images only).
             head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads. Default: ``"mean"``.
             discard_ratio: fraction in [0, 1) of the lowest fused entries zeroed per
                 example and block before adding the residual. Default: 0.0.
             start_block: first block of the product (negatives count from the end).
                 Default: 0 (all blocks); Chefer et al.'s ImageNet protocol uses 1.
             interpolate_to: (H, W) to upsample the map to bilinearly
-                (``LayerAttribution.interpolate``). Default: None (patch grid).
+                (``LayerAttribution.interpolate``), or ``"input"`` for (N, C, H, W) maps
+                shaped like the inputs. Default: None (patch grid).
             internal_batch_size: split the batch into chunks of this many images.
         Returns:
-            *Tensor* (N, 1, h, w), (h, w) = ``adapter.grid_size`` (or ``interpolate_to``).
+            *Tensor* (N, 1, h, w), (h, w) = ``adapter.grid_size`` (or ``interpolate_to``;
+            (N, C, H, W) for ``"input"``); a 1-tuple for tuple inputs.
         """
         adapter = self.adapter
         x = adapter.check_inputs(inputs)

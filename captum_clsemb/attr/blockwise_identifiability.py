@@ -11,6 +11,14 @@ from torch import Tensor, nn
 
 from captum_clsemb._utils import TargetType, format_target, rank_of_target
 from captum_clsemb.adapters import ModelAdapter, adapt
+from captum_clsemb.attr._explanation_utils import (
+    batch_slices,
+    captum_attribute,
+    check_batch_size,
+    check_interpolate_to,
+    select_indices,
+    upsample,
+)
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.trace import trace
 from captum_clsemb.trace.interventions import AttentionEdit
@@ -108,10 +116,12 @@ class BlockwiseIdentifiability(Attribution):
         Attribution.__init__(self, self.adapter.model)
 
     @log_usage(part_of_slo=True)
+    @captum_attribute
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
+        additional_forward_args: None = None,
         layer: str = "block",
         attention_edit: str | AttentionEdit | None = None,
         edit_blocks: Iterable[int] | None = None,
@@ -120,12 +130,15 @@ class BlockwiseIdentifiability(Attribution):
         include_bias: bool = True,
         head: str = "cls",
         internal_batch_size: int | None = None,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor]:
         r"""
         Args:
-            inputs: images (N, C, H, W) preprocessed for the model.
-            target: class per example in Captum's forms: int, list of ints, 1-D tensor;
-                None uses the model's predicted class (of the same, possibly edited, pass).
+            inputs: images (N, C, H, W) preprocessed for the model, or a 1-tuple
+                ``(images,)`` (the result is then a 1-tuple too).
+            target: class per example in Captum's forms: int, 1-tuple, list of ints,
+                tensor (N,) or (N, 1), list of 1-tuples; None uses the model's predicted
+                class (of the same, possibly edited, pass).
+            additional_forward_args: must be None (the models take images only).
             layer: ``"block"`` scores the block outputs (residual stream); ``"attn"`` /
                 ``"mlp"`` score the sub-layer outputs as added to the residual;
                 ``"resid_pre"`` / ``"resid_mid"`` the stream entering the block / after
@@ -142,19 +155,20 @@ class BlockwiseIdentifiability(Attribution):
         Returns:
             *Tensor* of identifiability scores, (N, num_blocks, num_tokens), tokens in model
             order (prefix tokens first); with ``keep_tokens`` only the kept tokens appear.
+            A 1-tuple for tuple inputs. :meth:`patch_map` turns one block's image tokens
+            into a patch-grid map.
         """
         adapter = self.adapter
         x = adapter.check_inputs(inputs)
         if layer not in LAYER_KINDS:
             raise InputValidationError(f"layer must be one of {sorted(LAYER_KINDS)}, got {layer!r}")
+        check_batch_size(internal_batch_size)
         n = x.shape[0]
         tgt = format_target(target, n, adapter.num_classes, x.device)
         if keep_tokens is not None and not isinstance(keep_tokens, Tensor):
             keep_tokens = torch.as_tensor(keep_tokens)
-        step = internal_batch_size or n
         chunks = []
-        for start in range(0, n, step):
-            sl = slice(start, start + step)
+        for sl in batch_slices(n, internal_batch_size):
             keep = None
             if keep_tokens is not None:
                 keep = keep_tokens if keep_tokens.dim() == 1 else keep_tokens[sl]
@@ -202,6 +216,36 @@ class BlockwiseIdentifiability(Attribution):
             pred = tr.logits.argmax(-1)
             per_block = [score(tr.cache[kind, b], pred) for b in range(adapter.num_blocks)]
         return torch.stack(per_block, dim=1)
+
+    def patch_map(
+        self, scores: Tensor, block: int = -1, interpolate_to: int | tuple[int, int] | None = None
+    ) -> Tensor:
+        r"""One block's image-token scores as a map on the patch grid, like the explanation methods.
+
+        Args:
+            scores: output of :meth:`attribute` without ``keep_tokens``, (N, blocks, tokens).
+            block: the block to read (negatives count from the end). Default: -1, the last.
+            interpolate_to: (H, W) (or an int) to upsample to bilinearly. Default: None.
+        Returns:
+            *Tensor* (N, 1, h, w), (h, w) = ``adapter.grid_size`` (or ``interpolate_to``).
+            For maps shaped like the inputs (``captum.metrics.infidelity``), repeat over
+            the channels: ``bi.patch_map(s, interpolate_to=x.shape[-2:]).repeat(1, 3, 1, 1)``.
+        """
+        adapter = self.adapter
+        s = _block_scores(scores, None)
+        if s.shape[2] != adapter.num_tokens:
+            raise InputValidationError(
+                f"patch_map needs scores over all {adapter.num_tokens} tokens, got {s.shape[2]} "
+                "(scores computed with keep_tokens have no full patch grid)"
+            )
+        if s.shape[1] != adapter.num_blocks:
+            raise InputValidationError(
+                f"scores hold {s.shape[1]} blocks but the model has {adapter.num_blocks}; pass attribute's output"
+            )
+        b = select_indices([block], adapter.num_blocks, "block")[0]
+        size = check_interpolate_to(interpolate_to)
+        maps = s[:, b, adapter.num_prefix_tokens :].reshape(s.shape[0], 1, *adapter.grid_size)
+        return upsample(maps, size)
 
     def identifiability_rate(self, scores: Tensor, block: int | None = -1) -> Tensor:
         """% of image tokens at identifiability 1 (prefix tokens excluded); see :func:`identifiability_rate`."""

@@ -13,6 +13,7 @@ from captum_clsemb._utils import TargetType, format_target
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.attr._explanation_utils import (
     batch_slices,
+    captum_attribute,
     check_batch_size,
     check_interpolate_to,
     require_class_token,
@@ -55,26 +56,32 @@ class CheferGradientRollout(GradientAttribution):
         GradientAttribution.__init__(self, self.adapter.model)
 
     @log_usage(part_of_slo=True)
+    @captum_attribute
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
+        additional_forward_args: None = None,
         start_block: int = 0,
-        interpolate_to: Sequence[int] | None = None,
+        interpolate_to: Sequence[int] | str | None = None,
         internal_batch_size: int | None = None,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor]:
         r"""
         Args:
-            inputs: images (N, C, H, W) preprocessed for the model.
-            target: class per example in Captum's forms (int, list of ints, 0-d/1-D
-                tensor); None uses the predicted class.
+            inputs: images (N, C, H, W) preprocessed for the model, or a 1-tuple
+                ``(images,)`` (the result is then a 1-tuple too).
+            target: class per example in Captum's forms (int, 1-tuple, list of ints,
+                tensor (N,) or (N, 1), list of 1-tuples); None uses the predicted class.
+            additional_forward_args: must be None (the models take images only).
             start_block: first block of the rollout (negatives count from the end).
                 Default: 0, all blocks, as in the ICCV 2021 ViT notebook.
             interpolate_to: (H, W) to upsample the map to bilinearly
-                (``LayerAttribution.interpolate``). Default: None (patch grid).
+                (``LayerAttribution.interpolate``), or ``"input"`` for (N, C, H, W) maps
+                shaped like the inputs. Default: None (patch grid).
             internal_batch_size: split the batch into chunks of this many images.
         Returns:
-            *Tensor* (N, 1, h, w), (h, w) = ``adapter.grid_size`` (or ``interpolate_to``).
+            *Tensor* (N, 1, h, w), (h, w) = ``adapter.grid_size`` (or ``interpolate_to``;
+            (N, C, H, W) for ``"input"``); a 1-tuple for tuple inputs.
         """
         adapter = self.adapter
         x = adapter.check_inputs(inputs)
@@ -92,15 +99,18 @@ class CheferGradientRollout(GradientAttribution):
 
     def _attribute_batch(self, x: Tensor, target: Tensor | None, start: int, cls: int) -> Tensor:
         adapter = self.adapter
-        # An input that requires grad guarantees a graph even for a model with frozen weights.
-        tr = trace(adapter, x.detach().requires_grad_(True), record=["attn_probs"], grad=True)
-        if target is None:
-            target = tr.logits.argmax(-1)
-        blocks = range(start, adapter.num_blocks)
-        probs = [tr.cache["attn_probs", b] for b in blocks]
-        # Examples are independent, so the gradient of the summed logits is per example.
-        score = tr.logits.gather(1, target[:, None]).sum()
-        grads = torch.autograd.grad(score, probs)
+        # The graph is built here whatever the caller's grad mode (no_grad, NoiseTunnel); an input
+        # that requires grad guarantees a graph even for a model with frozen weights (the copy also
+        # turns a tensor made under inference_mode into a normal one).
+        with torch.enable_grad():
+            tr = trace(adapter, x.detach().clone().requires_grad_(True), record=["attn_probs"], grad=True)
+            if target is None:
+                target = tr.logits.argmax(-1)
+            blocks = range(start, adapter.num_blocks)
+            probs = [tr.cache["attn_probs", b] for b in blocks]
+            # Examples are independent, so the gradient of the summed logits is per example.
+            score = tr.logits.gather(1, target[:, None]).sum()
+            grads = torch.autograd.grad(score, probs)
         with torch.no_grad():
             t = probs[0].shape[-1]
             rollout = torch.eye(t, dtype=probs[0].dtype, device=x.device).expand(x.shape[0], t, t)

@@ -33,14 +33,19 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from captum.attr import Attribution, LayerAttribution
+from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_clsemb._utils import TargetType, format_target
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.adapters.base import BlockParts
-from captum_clsemb.attr._explanation_utils import check_interpolate_to
+from captum_clsemb.attr._explanation_utils import (
+    captum_attribute,
+    check_batch_size,
+    check_grad_mode,
+    check_interpolate_to,
+)
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.trace import ActivationCache, trace
 
@@ -188,7 +193,7 @@ def _through_post(post: object, linear: nn.Linear, linear_in: Tensor, relevance:
     return lrp_elementwise_z(linear(linear_in), gamma, relevance)
 
 
-class CheferRelevancy(Attribution):
+class CheferRelevancy(GradientAttribution):
     r"""Chefer et al. (CVPR 2021) transformer attribution: LRP relevance x gradient, rolled out.
 
     One traced forward records every block; one backward of the target's pre-softmax logit
@@ -230,7 +235,7 @@ class CheferRelevancy(Attribution):
 
     def __init__(self, forward_func: nn.Module | ModelAdapter) -> None:
         self.adapter = adapt(forward_func)
-        Attribution.__init__(self, self.adapter.model)
+        GradientAttribution.__init__(self, self.adapter.model)
         if self.adapter.pooling != "token" or not self.adapter.has_class_token:
             raise InputValidationError(
                 f"CheferRelevancy needs a class-token model whose classifier reads the class token; "
@@ -240,33 +245,41 @@ class CheferRelevancy(Attribution):
 
     # -- public API ---------------------------------------------------------------------------------
     @log_usage(part_of_slo=True)
+    @captum_attribute
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
+        additional_forward_args: None = None,
         start_block: int = 1,
-        interpolate_to: int | tuple[int, int] | None = None,
+        interpolate_to: int | tuple[int, int] | str | None = None,
         internal_batch_size: int | None = None,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor]:
         r"""
         Args:
-            inputs: images (N, C, H, W) preprocessed for the model.
-            target: class per example in Captum's forms: int, list of ints, 1-D tensor;
-                None uses the model's predicted class.
+            inputs: images (N, C, H, W) preprocessed for the model, or a 1-tuple
+                ``(images,)`` (the result is then a 1-tuple too).
+            target: class per example in Captum's forms: int, 1-tuple, list of ints,
+                tensor (N,) or (N, 1), list of 1-tuples; None uses the model's predicted
+                class.
+            additional_forward_args: must be None (the models take images only).
             start_block: first block in the rollout product. Default: 1, the authors'
                 ImageNet protocol (block 0 skipped); 0 uses every block.
             interpolate_to: optional output size (int or (H, W)); the map is upsampled
-                bilinearly (the authors upsample x16 bilinearly before display). The map is
-                never min-max normalised (the authors normalise only for display).
+                bilinearly (the authors upsample x16 bilinearly before display). ``"input"``
+                gives (N, C, H, W) maps shaped like the inputs. The map is never min-max
+                normalised (the authors normalise only for display).
             internal_batch_size: split the batch into chunks of this size.
         Returns:
             *Tensor* (N, 1, h, w) on the patch grid ``adapter.grid_size`` (or
-            (N, 1, H, W) with ``interpolate_to``), detached.
+            (N, 1, H, W) with ``interpolate_to``, (N, C, H, W) with ``"input"``),
+            detached; a 1-tuple for tuple inputs.
         """
         adapter = self.adapter
         x = adapter.check_inputs(inputs)
         start = self._check_start_block(start_block)
         size = check_interpolate_to(interpolate_to)
+        check_batch_size(internal_batch_size)
         n = x.shape[0]
         tgt = format_target(target, n, adapter.num_classes, x.device)
         h, w = adapter.grid_size
@@ -306,8 +319,10 @@ class CheferRelevancy(Attribution):
             ``R_{A_b}`` (after the matmul halving) and ``dy_t / dA_b``.
         """
         adapter = self.adapter
+        check_grad_mode(self)
         x = adapter.check_inputs(inputs)
         start = self._check_start_block(start_block)
+        check_batch_size(internal_batch_size)
         tgt = format_target(target, x.shape[0], adapter.num_classes, x.device)
         rels, grads = [], []
         for sl in self._chunks(x.shape[0], internal_batch_size):

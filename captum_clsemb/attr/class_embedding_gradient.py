@@ -13,8 +13,10 @@ from torch import Tensor, nn
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.adapters.base import BlockParts
 from captum_clsemb.attr._explanation_utils import (
+    InputShape,
     MultiTargetType,
     batch_slices,
+    captum_attribute,
     check_batch_size,
     check_interpolate_to,
     format_targets,
@@ -98,6 +100,8 @@ class ClassEmbeddingGradient(GradientAttribution):
         >>> ceg.attribute(images, target=labels, return_per="head").shape  # (N, 12, 12, 7, 7)
         >>> ceg.attribute(images, target=[[1, 2], [3, 4]]).shape          # (2, 2, 1, 7, 7): K=2
         >>> ceg.attribute(images, interpolate_to=(224, 224)).shape        # (N, 1, 224, 224)
+        >>> ceg.attribute(images, interpolate_to="input").shape           # (N, 3, 224, 224)
+        >>> ceg.attribute((images,), target=labels)[0].shape              # tuple in, tuple out
     """
 
     def __init__(self, forward_func: nn.Module | ModelAdapter) -> None:
@@ -105,27 +109,34 @@ class ClassEmbeddingGradient(GradientAttribution):
         GradientAttribution.__init__(self, self.adapter.model)
 
     @log_usage(part_of_slo=True)
+    @captum_attribute
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Tensor | tuple[Tensor],
         target: MultiTargetType = None,
+        additional_forward_args: None = None,
         return_per: str = "global",
         blocks: int | Iterable[int] | None = None,
         heads: int | Iterable[int] | None = None,
         source: str = "resid",
-        interpolate_to: Sequence[int] | None = None,
+        interpolate_to: Sequence[int] | str | None = None,
         internal_batch_size: int | None = None,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor]:
         r"""
         Args:
-            inputs: images (N, C, H, W) preprocessed for the model.
+            inputs: images (N, C, H, W) preprocessed for the model, or a 1-tuple
+                ``(images,)`` (Captum's form; the result is then a 1-tuple too).
             target: class(es) to explain.
 
-                - One class per image, in Captum's forms: an int (all images), a list of N
-                  ints, a 0-d or 1-D tensor of length N; None uses the model's predicted
-                  class.
-                - Several classes per image: a 2-D integer tensor (N, K) or a list of N
-                  lists of K ints. The output then has a K dimension after N.
+                - One class per image, in Captum's forms: an int or a 1-tuple ``(c,)`` (all
+                  images), a list of N ints, a tensor (N,) or (N, 1), a list of N 1-tuples;
+                  None uses the model's predicted class.
+                - Several classes per image, K >= 2: a 2-D integer tensor (N, K) or a list
+                  of N lists (or tuples) of K ints. The output then has a K dimension after
+                  N. (A single column, (N, 1) or 1-tuples, is one class per image as in
+                  Captum, without that dimension.)
+            additional_forward_args: must be None (Captum's argument; the models take
+                images only).
             return_per: ``"global"`` sums over the selected blocks and heads (the paper's
                 global relevancy map :math:`\sum_b \nabla \ell^b`); ``"block"`` sums over
                 the selected heads only; ``"head"`` keeps blocks and heads. Default:
@@ -138,13 +149,16 @@ class ClassEmbeddingGradient(GradientAttribution):
                 ``"authors"`` (their code exactly: the attention sub-layer output and a
                 double softmax in the loss). Default: ``"resid"``.
             interpolate_to: (H, W) to upsample the maps to bilinearly with
-                ``captum.attr.LayerAttribution.interpolate``, e.g. ``inputs.shape[-2:]``.
-                Default: None (patch grid).
+                ``captum.attr.LayerAttribution.interpolate``, e.g. ``inputs.shape[-2:]``;
+                or ``"input"``: maps shaped like the inputs, (N, C, H, W), upsampled and
+                repeated over the channels (for ``captum.metrics.infidelity``; needs
+                ``return_per="global"`` and one target per image). Default: None (patch
+                grid).
             internal_batch_size: split the batch into chunks of this many images.
         Returns:
-            *Tensor* of attributions over the patch grid (h, w) = ``adapter.grid_size``
-            (or ``interpolate_to``), with B = number of selected blocks and H = number of
-            selected heads:
+            *Tensor* (or a 1-tuple for tuple inputs) of attributions over the patch grid
+            (h, w) = ``adapter.grid_size`` (or ``interpolate_to``), with B = number of
+            selected blocks and H = number of selected heads:
 
             ============  ==================  =====================
             return_per    one target          K targets per image
@@ -171,6 +185,12 @@ class ClassEmbeddingGradient(GradientAttribution):
         check_batch_size(internal_batch_size)
         n = x.shape[0]
         tgt, multi = format_targets(target, n, adapter.num_classes, x.device)
+        if isinstance(interpolate_to, InputShape) and (multi or return_per != "global"):
+            raise InputValidationError(
+                "interpolate_to='input' gives one map per image shaped like the inputs; it needs "
+                "return_per='global' and one target per image. For per-block/head or K-target maps use "
+                "interpolate_to=x.shape[-2:]"
+            )
 
         chunks = [
             self._attribute_batch(x[sl], None if tgt is None else tgt[sl], block_ids, cls, source)

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from captum_clsemb._utils import TargetType, format_target
-from captum_clsemb.adapters import ModelAdapter
-from captum_clsemb.errors import InputValidationError
+from captum_clsemb.adapters import ModelAdapter, adapt
+from captum_clsemb.errors import InputValidationError, UnsupportedModelError
 from captum_clsemb.metrics.auc import AUC_CONVENTIONS, MODES, SCORES
 
 
@@ -32,6 +32,30 @@ def check_batch_size(max_examples_per_batch: int | None, default: int) -> int:
     if max_examples_per_batch < 1:
         raise InputValidationError(f"max_examples_per_batch must be >= 1, got {max_examples_per_batch}")
     return max_examples_per_batch
+
+
+def real_attributions(attributions: object) -> Tensor:
+    """A tensor (or Captum's 1-tuple of one) of real numbers, as float; a clear error otherwise."""
+    a = attributions
+    if isinstance(a, tuple) and len(a) == 1:
+        a = a[0]
+    if not isinstance(a, Tensor):
+        raise InputValidationError(f"attributions must be a tensor, got {type(a).__name__}")
+    if a.dtype == torch.bool or a.is_complex():
+        raise InputValidationError(f"attributions must hold real numbers, got dtype {a.dtype}; use .float()")
+    return a if a.is_floating_point() else a.float()
+
+
+def input_checker(forward_func: object) -> ModelAdapter | None:
+    """The adapter of a supported ViT (to validate its inputs), or None for any other classifier."""
+    if isinstance(forward_func, ModelAdapter):
+        return forward_func
+    if isinstance(forward_func, torch.nn.Module):
+        try:
+            return adapt(forward_func)
+        except UnsupportedModelError:
+            return None
+    return None
 
 
 def removal_order(scores: Tensor, mode: str) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_clsemb._utils import check_finite
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.errors import InputValidationError, UnsupportedModelError
 from captum_clsemb.metrics._common import check_options, score_logits
@@ -261,6 +262,9 @@ def compare_explanations(
 
         batches = tqdm(batches, desc="compare_explanations")
     for x, y in batches:
+        if isinstance(x, Tensor) and x.dim() > 0:
+            check_finite(x, "images", first_index=count)  # indices counted over the whole stream
+        x = adapter.check_inputs(x)
         y = y.to(x.device).long()
         with torch.no_grad(), adapter.eval_mode():
             clean = adapter.model_logits(x)

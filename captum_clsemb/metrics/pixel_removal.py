@@ -9,13 +9,15 @@ from captum.attr import LayerAttribution
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_clsemb._utils import TargetType
+from captum_clsemb._utils import TargetType, check_finite, format_inputs
 from captum_clsemb.adapters import ModelAdapter
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.metrics._common import (
     check_batch_size,
     check_options,
     forward_logits,
+    input_checker,
+    real_attributions,
     removal_order,
     score_logits,
     targets_and_labels,
@@ -32,8 +34,8 @@ def pixel_scores(attributions: Tensor, inputs: Tensor) -> Tensor:
     ``F.interpolate(scale_factor=16, mode="bilinear")``).
     """
     n, c, h, w = inputs.shape
-    a = attributions
-    if not isinstance(a, Tensor) or a.dim() != 4 or a.shape[0] != n or a.shape[1] not in (1, c):
+    a = real_attributions(attributions)
+    if a.dim() != 4 or a.shape[0] != n or a.shape[1] not in (1, c):
         shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
         raise InputValidationError(
             f"attributions must be (N, 1, h, w) (a map at pixel or patch resolution) or (N, C, H, W) like the "
@@ -46,7 +48,7 @@ def pixel_scores(attributions: Tensor, inputs: Tensor) -> Tensor:
             )
         a = a.sum(1, keepdim=True)
     if tuple(a.shape[2:]) != (h, w):
-        a = LayerAttribution.interpolate(a if a.is_floating_point() else a.float(), (h, w), "bilinear")
+        a = LayerAttribution.interpolate(a, (h, w), "bilinear")
     return a.flatten(1)
 
 
@@ -125,8 +127,15 @@ def pixel_removal_auc(
         >>> pixel_removal_auc(model, x, attr, labels=y, mode="positive").mean()
     """
     check_options(mode, score, auc)
+    inputs, _ = format_inputs(inputs)
     if not isinstance(inputs, Tensor) or inputs.dim() != 4:
         raise InputValidationError("inputs must be a tensor of images (N, C, H, W)")
+    adapter = input_checker(forward_func)
+    if adapter is not None:  # a supported ViT: its full input checks (size, dtype, device, ...)
+        inputs = adapter.check_inputs(inputs)
+    if inputs.shape[0] == 0:
+        raise InputValidationError("inputs hold no images (a batch of size 0); pass at least one image")
+    check_finite(inputs)
     x = inputs
     n, num_pixels = x.shape[0], x.shape[2] * x.shape[3]
     fr = check_fractions(fractions)
@@ -140,6 +149,8 @@ def pixel_removal_auc(
         raise InputValidationError(
             f"baseline must be a scalar or broadcastable to the inputs {tuple(x.shape)}: {e}"
         ) from e
+    if not bool(torch.isfinite(base).all()):
+        raise InputValidationError("baseline contains NaN or infinite values; use finite pixel values")
     chunk = check_batch_size(max_examples_per_batch, n * len(counts))
     curves = torch.empty(n, len(counts), dtype=x.dtype, device=x.device)
     with torch.no_grad():

@@ -10,7 +10,14 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_clsemb._utils import TargetType, format_target, rank_of_target
+from captum_clsemb._utils import (
+    TargetType,
+    check_batch_size,
+    check_finite,
+    format_inputs,
+    format_target,
+    rank_of_target,
+)
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.trace import trace
@@ -117,12 +124,18 @@ class RandomRanking:
             inputs: images (N, C, H, W); only N is used.
             target: ignored (the ranking is class-agnostic).
         Returns:
-            *Tensor* (N, 1, h, w) of random ranks, on the inputs' device.
+            *Tensor* (N, 1, h, w) of random ranks, on the inputs' device (a 1-tuple for a
+            1-tuple of inputs).
         """
+        inputs, is_inputs_tuple = format_inputs(inputs)
+        if not isinstance(inputs, Tensor) or inputs.dim() == 0 or inputs.shape[0] == 0:
+            raise InputValidationError("inputs must be a non-empty batch of images (N, C, H, W)")
+        check_finite(inputs)
         n = inputs.shape[0]
         out = random_attributions(n, self.grid, self.seed, self.offset, self.per_image)
         self.offset += n
-        return out.to(inputs.device)
+        out = out.to(inputs.device)
+        return (out,) if is_inputs_tuple else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +224,7 @@ class LinearProbeRanking(Attribution):
         """
         adapter = self.adapter
         x = adapter.check_inputs(images)
+        check_batch_size(batch_size, "batch_size")
         n, num_classes = x.shape[0], adapter.num_classes
         if n < 2:
             raise InputValidationError("fit needs at least 2 labelled images")
@@ -301,6 +315,7 @@ class LinearProbeRanking(Attribution):
         """
         adapter = self.adapter
         x = adapter.check_inputs(inputs)
+        check_batch_size(internal_batch_size)
         chosen = self._check_fitted(layer, self.blocks if blocks is None else blocks)
         n = x.shape[0]
         tgt = format_target(target, n, adapter.num_classes, x.device)
@@ -338,6 +353,7 @@ class LinearProbeRanking(Attribution):
         """
         adapter = self.adapter
         x = adapter.check_inputs(inputs)
+        check_batch_size(internal_batch_size)
         chosen = self._check_fitted(layer, self.blocks)
         n = x.shape[0]
         y = format_target(labels, n, adapter.num_classes, x.device)

@@ -15,6 +15,7 @@ from captum_clsemb.errors import InputValidationError
 from captum_clsemb.metrics._common import (
     check_batch_size,
     check_options,
+    real_attributions,
     removal_order,
     score_logits,
     targets_and_labels,
@@ -26,9 +27,7 @@ from captum_clsemb.trace import trace
 def patch_scores(attributions: Tensor, num_examples: int, grid: tuple[int, int]) -> Tensor:
     """Attributions (N, P) or (N, 1, h, w) on the patch grid -> (N, P) in raster order."""
     h, w = grid
-    a = attributions
-    if not isinstance(a, Tensor):
-        raise InputValidationError(f"attributions must be a tensor, got {type(a).__name__}")
+    a = real_attributions(attributions)
     if a.dim() == 4 and a.shape[1] == 1 and tuple(a.shape[2:]) == (h, w):
         a = a.flatten(1)
     if a.dim() != 2 or a.shape != (num_examples, h * w):

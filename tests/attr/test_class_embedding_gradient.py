@@ -153,7 +153,11 @@ def test_multi_target_equals_separate_calls() -> None:
             torch.testing.assert_close(multi[:, k], single, atol=1e-6, rtol=1e-5)
     as_lists = ceg.attribute(x, target=targets.tolist(), return_per="head")
     torch.testing.assert_close(as_lists, ceg.attribute(x, target=targets, return_per="head"))
-    assert ceg.attribute(x, target=[[3], [3], [3]]).shape == (3, 1, 1, 4, 4)
+    # one column (Captum's (N, 1) tensor or list of 1-tuples) is one target per example, no K dim
+    one = ceg.attribute(x, target=torch.tensor([3, 0, 6]))
+    assert one.shape == (3, 1, 4, 4)
+    for same in ([[3], [0], [6]], [(3,), (0,), (6,)], torch.tensor([[3], [0], [6]])):
+        torch.testing.assert_close(ceg.attribute(x, target=same), one)
 
 
 def test_interpolation() -> None:
