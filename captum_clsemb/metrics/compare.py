@@ -305,8 +305,9 @@ def _describe(results: ComparisonResults) -> str:
         f"Perturbation test ({test}); score: {results.score}; explanations of the {results.explain_target} class; "
         f"{results.num_images} images; clean {results.score}: {results.clean_score:.4f}. "
         f"AUC = trapezoid over removal fractions {fr[0]:g}..{fr[-1]:g} x 100 (mean ± s.e.m. over images; "
-        f"max {100 * (fr[-1] - fr[0]):g}); 'authors' = sum(curve) / (max(curve) * {len(fr)}) of the mean curve "
-        "(Vilas et al.'s normalised sum, not an area)."
+        f"max {100 * (fr[-1] - fr[0]):g}); 'authors' = sum(curve) / (max(curve) * {len(fr) + 1}) of the mean curve "
+        "(Vilas et al.'s normalised sum, not an area; the denominator is the number of curve points + 1, "
+        "which is the number of patches P on their curve of 1..P-1 kept tokens)."
     )
 
 
