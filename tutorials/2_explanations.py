@@ -202,8 +202,9 @@ for k, name in enumerate(
 # ## The authors' variant
 #
 # The authors' code projects the **attention sub-layer output** of each block instead of the
-# class token's residual state (and applies softmax twice; we never do). `source="attn"`
-# reproduces the projected state. The difference is the MLP sub-layer (and the residual)
+# class token's residual state (and applies softmax twice). `source="attn"` reproduces the
+# projected state with one log-softmax; `source="authors"` reproduces the code exactly, double
+# softmax included. The difference is the MLP sub-layer (and the residual)
 # that the paper's state includes, so the two maps are related but not identical:
 
 # %%

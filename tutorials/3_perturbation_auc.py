@@ -114,9 +114,10 @@ plot_curves(results)
 # %% [markdown]
 # ## Conventions matter
 #
-# Vilas et al.'s code summarised the curve as $\sum_s m_s / (\max_s m_s \cdot S)$, normalised
-# by the curve's own maximum. It is available as `auc="authors"` (and `authors_auc`), but it
-# is not an area: every flat curve scores 1, whatever its level.
+# Vilas et al.'s code summarised their curve of $1, \dots, P-1$ kept tokens as
+# $\sum_s m_s / (\max_s m_s \cdot P)$, normalised by the curve's own maximum ($P$ patches, one
+# more than the curve's points). It is available as `auc="authors"` (and `authors_auc`), but it
+# is not an area: every flat curve scores the same, $(P-1)/P$, whatever its level.
 
 # %%
 for method in ("ClassEmbeddingGradient", "CheferGradientRollout", "Random"):
