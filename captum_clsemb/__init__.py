@@ -39,6 +39,7 @@ _LAZY = {
     "timm_to_hf": "captum_clsemb.convert",
     "ZeroShotClassifier": "captum_clsemb.zero_shot",
     "load_model": "captum_clsemb.hub",
+    "ModelLoadError": "captum_clsemb.hub",
 }
 
 __all__ = ["__version__", "UnsupportedModelError", "InputValidationError", *_LAZY]

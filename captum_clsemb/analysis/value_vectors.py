@@ -11,6 +11,7 @@ of the output projection ``proj.weight``. Projecting value vectors onto the clas
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ from captum_clsemb.analysis._common import (
 )
 from captum_clsemb.errors import InputValidationError
 from captum_clsemb.trace import trace
+from captum_clsemb.zero_shot import ZeroShotClassifier
 
 KEY_KINDS = {"mlp": "mlp_keys", "attn": "attn_keys"}
 OUT_KINDS = {"mlp": "mlp_out", "attn": "attn_out"}
@@ -176,9 +178,12 @@ class ValueVectorProjector(Attribution):
           (``mode=''``: truncated normal std 0.02 for linear layers, zero biases), which is
           what ``timm.create_model(name, pretrained=False)`` gives, i.e. the authors'
           baseline, also for a model built with ``weight_init='skip'``.
+          timm ``Eva`` and ``Beit`` have a single initialisation (``init_weights()``).
         - Hugging Face: the ``_is_hf_initialized`` flags of the copy are cleared and
           ``model.init_weights()`` re-runs the model's ``_init_weights`` on every module
-          (normal with ``config.initializer_range``).
+          (normal with ``config.initializer_range``). For a
+          :class:`~captum_clsemb.zero_shot.ZeroShotClassifier` the CLIP / SigLIP model is
+          re-initialised and the class text embeddings are kept.
 
         The global RNG state is left unchanged (the init runs under ``torch.random.fork_rng``).
 
@@ -192,22 +197,31 @@ class ValueVectorProjector(Attribution):
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             if self.adapter.family == "timm":
+                has_modes = "mode" in inspect.signature(model.init_weights).parameters
                 if init_mode is None or init_mode == "":
-                    # init_weights('') falls back to weight_init_mode ('reset' after weight_init='skip').
-                    model.weight_init_mode = ""
+                    if has_modes:
+                        # init_weights('') falls back to weight_init_mode ('reset' after weight_init='skip').
+                        model.weight_init_mode = ""
                     model.init_weights()
+                elif not has_modes:
+                    raise InputValidationError(
+                        f"init_mode applies to timm VisionTransformer models; {type(model).__name__} has a "
+                        "single initialisation: leave init_mode None"
+                    )
                 else:
                     model.init_weights(mode=init_mode)
             elif self.adapter.family == "hf":
                 if init_mode is not None:
                     raise InputValidationError("init_mode applies to timm models only; leave it None")
-                for module in model.modules():
+                # a zero-shot classifier re-initialises its image-text model; its class text matrix is kept
+                hf_model = model.model if isinstance(model, ZeroShotClassifier) else model
+                for module in hf_model.modules():
                     if hasattr(module, "_is_hf_initialized"):
                         module._is_hf_initialized = False
                     for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
                         if hasattr(t, "_is_hf_initialized"):
                             t._is_hf_initialized = False
-                model.init_weights()
+                hf_model.init_weights()
             else:  # pragma: no cover - adapt() only returns the two families
                 raise InputValidationError(
                     f"no random initialisation known for family {self.adapter.family!r}"
