@@ -63,8 +63,16 @@ def real_timm(name: str) -> torch.nn.Module:
 
 def small_hf(kind: str = "vit", **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    kw = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-              intermediate_size=64, num_labels=7, layer_norm_eps=1e-6)
+    kw = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=7,
+        layer_norm_eps=1e-6,
+    )
     kw.update(overrides)
     if kind == "vit":
         return transformers.ViTForImageClassification(transformers.ViTConfig(**kw)).eval()
@@ -127,8 +135,9 @@ def spread(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 FAM = dict(img_size=32, patch_size=8, num_classes=7, embed_dim=32, depth=3, num_heads=4)
-HF_FAM = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-              num_labels=7)
+HF_FAM = dict(
+    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_labels=7
+)
 
 
 def small_eva(**kw) -> torch.nn.Module:
@@ -162,10 +171,25 @@ def small_dinov2(registers: int = 0, **kw) -> torch.nn.Module:
     return spread(transformers.Dinov2ForImageClassification(cfg))
 
 
-CLIP_VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                   intermediate_size=64)
-CLIP_TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+CLIP_VISION = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+)
+CLIP_TEXT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
 
 
 def small_clip(kind: str = "clip", vision: dict | None = None) -> torch.nn.Module:
@@ -254,3 +278,24 @@ FAMILY_VARIANTS = {
     "clip_zero_shot": lambda: small_zero_shot("clip"),
     "siglip_zero_shot": lambda: small_zero_shot("siglip"),
 }
+
+
+def tiny_tokenizer(tmp_path):
+    """A CLIP BPE tokenizer over lowercase letters, '.' and two merges, written to tmp_path (no download)."""
+    import json
+    import string
+
+    from transformers import CLIPTokenizer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + ".":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    vocab["ca"] = len(vocab)
+    vocab["cat</w>"] = len(vocab)
+    assert len(vocab) <= CLIP_TEXT["vocab_size"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
