@@ -169,6 +169,27 @@ class ModelAdapter(abc.ABC):
         """Whether the classifier head reads the class token (False for mean / attention pooling)."""
         return self.has_class_token and self.pooling in ("token", "cls+avg")
 
+    # the classifier path when it is more than norm, pooling and one linear head (None: plain head)
+    head_structure: str | None = None
+
+    def lrp_missing_rules(self) -> list[str]:
+        r"""The parts of this model that layer-wise relevance propagation has no rule for yet.
+
+        Empty for the plain ViT families. Methods built on LRP (Chefer et al.) refuse models
+        for which this is non-empty rather than propagate through a part they treat wrongly.
+        """
+        missing = []
+        parts = [self.block(b) for b in range(self.num_blocks)]
+        if any(p.rope is not None for p in parts):
+            missing.append("rotary position embedding (relevance through the rotation of q and k)")
+        if any(p.attn_bias is not None for p in parts):
+            missing.append("relative position bias (an additive attention-score term)")
+        if any(p.mlp_in is not None for p in parts):
+            missing.append("gated MLP (SwiGLU / GLU: relevance through the gate product)")
+        if self.head_structure is not None:
+            missing.append(self.head_structure)
+        return missing
+
     @property
     def class_token_index(self) -> int:
         if not self.has_class_token:

@@ -70,6 +70,11 @@ class ZeroShotAdapter(ModelAdapter):
             raise UnsupportedModelError(
                 f"{type(clip).__name__}: the vision layers do not have the transformers 5.x structure ({e})"
             ) from e
+        self.head_structure = (
+            "the zero-shot head ("
+            + ("attention-pooling head, " if self._siglip else "visual projection, ")
+            + "L2 normalisation, class text matrix)"
+        )
         self.prefix_tokens = () if self._siglip else ("cls",)
         self.pooling = "map" if self._siglip else "token"
         self.num_blocks = len(self._layers)

@@ -53,6 +53,7 @@ class HFDinov2Adapter(ModelAdapter):
     """
 
     family = "hf"
+    head_structure = "a head over the concatenation [class token, mean of patch tokens]"
 
     def __init__(self, model: nn.Module) -> None:
         name = type(model).__name__

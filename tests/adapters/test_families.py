@@ -428,3 +428,18 @@ def test_family_structure() -> None:
     clip = adapt(FAMILY_VARIANTS["clip_zero_shot"]())
     assert clip.class_names == [f"class {i}" for i in range(7)] and clip.prefix_tokens == ("cls",)
     assert adapt(spread(small_beit(global_pool="token"))).reads_class_token
+
+
+def test_lrp_missing_rules_name_the_parts_without_a_rule() -> None:
+    from conftest import HF_VARIANTS, TIMM_VARIANTS
+
+    for build in [*TIMM_VARIANTS.values(), *HF_VARIANTS.values()]:
+        assert adapt(build()).lrp_missing_rules() == []
+    rules = {name: " | ".join(adapt(build()).lrp_missing_rules()) for name, build in FAMILY_VARIANTS.items()}
+    assert "rotary" in rules["vit_rope_token"] and "gated MLP" not in rules["vit_rope_token"]
+    assert "rotary" in rules["eva02_avg"] and "gated MLP" in rules["eva02_avg"]
+    assert "rotary" not in rules["beit_avg"] and "relative position bias" in rules["beit_avg"]
+    assert "relative position bias" in rules["hf_beit_cls_shared"]
+    assert rules["hf_dinov2"] == "a head over the concatenation [class token, mean of patch tokens]"
+    assert "gated MLP" in rules["hf_dinov2_swiglu"]
+    assert "visual projection" in rules["clip_zero_shot"] and "attention-pooling" in rules["siglip_zero_shot"]
