@@ -63,16 +63,8 @@ def real_timm(name: str) -> torch.nn.Module:
 
 def small_hf(kind: str = "vit", **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    kw = dict(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=7,
-        layer_norm_eps=1e-6,
-    )
+    kw = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              intermediate_size=64, num_labels=7, layer_norm_eps=1e-6)  # fmt: skip
     kw.update(overrides)
     if kind == "vit":
         return transformers.ViTForImageClassification(transformers.ViTConfig(**kw)).eval()
