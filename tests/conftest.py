@@ -250,6 +250,16 @@ FAMILY_VARIANTS = {
         init_values=0.3, class_token=False, num_reg_tokens=1, use_rot_pos_emb=True, use_abs_pos_emb=False
     ),
     "eva_post_norm_glu": lambda: small_eva(use_post_norm=True, swiglu_mlp=True, use_rot_pos_emb=True),
+    "vit_rope_dinov3_registers": lambda: small_eva(
+        attn_type="rope",
+        use_rot_pos_emb=True,
+        rope_type="dinov3",
+        use_abs_pos_emb=False,
+        global_pool="token",
+        num_reg_tokens=2,
+        qk_norm=True,
+        init_values=0.2,
+    ),  # DINOv3-style (timm's vit_*_dinov3 with a head)
     # timm Beit
     "beit_avg": lambda: small_beit(use_rel_pos_bias=True, init_values=0.2),
     "beit_token_shared": lambda: small_beit(

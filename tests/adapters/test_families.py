@@ -54,6 +54,7 @@ CLASS_TOKEN_HEADS = [
     "eva02_token_scale_mlp",
     "vit_rope_token",
     "vit_rope_mixed",
+    "vit_rope_dinov3_registers",
     "beit_token_shared",
     "hf_beit_cls_shared",
     "clip_zero_shot",
