@@ -84,6 +84,7 @@ def test_family_decomposed_forward_is_exact_and_leaves_model_untouched(name: str
     model.train()
     flags = {n: m.training for n, m in model.named_modules()}
     attn_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    fused = [getattr(m, "fused_attn", None) for m in model.modules()]
     with torch.no_grad():
         model.eval()
         ref = adapter.model_logits(x)
@@ -101,6 +102,7 @@ def test_family_decomposed_forward_is_exact_and_leaves_model_untouched(name: str
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert getattr(getattr(model, "config", None), "_attn_implementation", None) == attn_impl
+    assert [getattr(m, "fused_attn", None) for m in model.modules()] == fused
 
 
 def _real_models() -> dict[str, callable]:
