@@ -37,6 +37,9 @@ _LAZY = {
     "load_demo_model": "captum_clsemb.demo",
     "load_demo_images": "captum_clsemb.demo",
     "timm_to_hf": "captum_clsemb.convert",
+    "ZeroShotClassifier": "captum_clsemb.zero_shot",
+    "load_model": "captum_clsemb.hub",
+    "ModelLoadError": "captum_clsemb.hub",
 }
 
 __all__ = ["__version__", "UnsupportedModelError", "InputValidationError", *_LAZY]

@@ -97,3 +97,207 @@ def model_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def needs_shared_data() -> pytest.MarkDecorator:
     return pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is absent")
+
+
+# -- more ViT families: small random models of the real architectures --------------------------------
+def spread(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-draw weights at unit scale (logits of order 1-10) so that exactness checks are not trivial:
+    linear/conv weights ~ N(0, 1/fan_in), embeddings ~ N(0, 0.5), 1-D parameters (biases, norm gains,
+    layer scale) and relative-position tables get N(0, 0.2) / N(0, 0.5) noise. Learned RoPE frequencies
+    and logit scales are left as initialised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 0 or "freqs" in name or "logit_scale" in name:
+                continue
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if (
+                "table" in name
+                or "token" in name
+                or "pos" in name
+                or "class_embedding" in name
+                or "probe" in name
+            ):
+                p.copy_(noise * 0.5)
+            elif p.dim() >= 2:
+                p.copy_(noise * p[0].numel() ** -0.5)
+            else:
+                p.add_(noise * 0.2)
+    return model.eval()
+
+
+FAM = dict(img_size=32, patch_size=8, num_classes=7, embed_dim=32, depth=3, num_heads=4)
+HF_FAM = dict(
+    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_labels=7
+)
+
+
+def small_eva(**kw) -> torch.nn.Module:
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    return spread(Eva(**{**FAM, **kw}))
+
+
+def small_beit(**kw) -> torch.nn.Module:
+    from timm.models.beit import Beit
+
+    torch.manual_seed(0)
+    return spread(Beit(**{**FAM, **kw}))
+
+
+def small_hf_beit(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BeitConfig(**{**HF_FAM, "intermediate_size": 64, **kw})
+    return spread(transformers.BeitForImageClassification(cfg))
+
+
+def small_dinov2(registers: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if registers:
+        cfg = transformers.Dinov2WithRegistersConfig(
+            **{**HF_FAM, "mlp_ratio": 2, **kw}, num_register_tokens=registers
+        )
+        return spread(transformers.Dinov2WithRegistersForImageClassification(cfg))
+    cfg = transformers.Dinov2Config(**{**HF_FAM, "mlp_ratio": 2, **kw})
+    return spread(transformers.Dinov2ForImageClassification(cfg))
+
+
+CLIP_VISION = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+)
+CLIP_TEXT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+
+
+def small_clip(kind: str = "clip", vision: dict | None = None) -> torch.nn.Module:
+    """A random CLIPModel / SiglipModel (vision tower 32x32, patch 8) with a tiny text tower."""
+    torch.manual_seed(0)
+    v = {**CLIP_VISION, **(vision or {})}
+    if kind == "clip":
+        model = transformers.CLIPModel(
+            transformers.CLIPConfig(vision_config=v, text_config=CLIP_TEXT, projection_dim=24)
+        )
+    else:
+        model = transformers.SiglipModel(transformers.SiglipConfig(vision_config=v, text_config=CLIP_TEXT))
+    model = spread(model)
+    with torch.no_grad():
+        model.logit_scale.fill_(1.5)  # exp(1.5) ~ 4.5
+        if kind == "siglip":
+            model.logit_bias.fill_(-2.0)
+    return model
+
+
+def small_zero_shot(kind: str = "clip", num_classes: int = 7, vision: dict | None = None) -> torch.nn.Module:
+    from captum_clsemb.zero_shot import ZeroShotClassifier
+
+    model = small_clip(kind, vision)
+    dim = model.visual_projection.out_features if kind == "clip" else model.config.vision_config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    return ZeroShotClassifier(
+        model, torch.randn(num_classes, dim, generator=g), [f"class {i}" for i in range(num_classes)]
+    )
+
+
+# family -> small random model; every adapter family and its main variants
+FAMILY_VARIANTS = {
+    # timm Eva: EVA-02 (RoPE 'cat', SwiGLU, average pooling with the class token kept), RoPE ViTs
+    "eva02_avg": lambda: small_eva(
+        mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4)
+    ),
+    "eva02_token_scale_mlp": lambda: small_eva(
+        global_pool="token",
+        qkv_fused=False,
+        mlp_ratio=4 * 2 / 3,
+        swiglu_mlp=True,
+        scale_mlp=True,
+        use_rot_pos_emb=True,
+    ),
+    "vit_rope_token": lambda: small_eva(
+        attn_type="rope",
+        init_values=0.3,
+        global_pool="token",
+        use_abs_pos_emb=False,
+        use_rot_pos_emb=True,
+        rope_grid_indexing="xy",
+        rope_temperature=100.0,
+    ),
+    "vit_rope_mixed": lambda: small_eva(
+        attn_type="rope",
+        init_values=0.3,
+        global_pool="token",
+        use_abs_pos_emb=False,
+        use_rot_pos_emb=True,
+        rope_grid_indexing="xy",
+        rope_temperature=10.0,
+        rope_type="mixed",
+    ),
+    "vit_rope_reg_gap": lambda: small_eva(
+        init_values=0.3, class_token=False, num_reg_tokens=1, use_rot_pos_emb=True, use_abs_pos_emb=False
+    ),
+    "eva_post_norm_glu": lambda: small_eva(use_post_norm=True, swiglu_mlp=True, use_rot_pos_emb=True),
+    "vit_rope_dinov3_registers": lambda: small_eva(
+        attn_type="rope",
+        use_rot_pos_emb=True,
+        rope_type="dinov3",
+        use_abs_pos_emb=False,
+        global_pool="token",
+        num_reg_tokens=2,
+        qk_norm=True,
+        init_values=0.2,
+    ),  # DINOv3-style (timm's vit_*_dinov3 with a head)
+    # timm Beit
+    "beit_avg": lambda: small_beit(use_rel_pos_bias=True, init_values=0.2),
+    "beit_token_shared": lambda: small_beit(
+        use_shared_rel_pos_bias=True, use_abs_pos_emb=True, global_pool="token"
+    ),
+    "beit_swiglu": lambda: small_beit(
+        use_rel_pos_bias=True, swiglu_mlp=True, scale_mlp=True, init_values=0.2
+    ),
+    # Hugging Face BEiT, DINOv2
+    "hf_beit_mean": lambda: small_hf_beit(use_relative_position_bias=True),
+    "hf_beit_cls_shared": lambda: small_hf_beit(
+        use_shared_relative_position_bias=True, use_mean_pooling=False, use_absolute_position_embeddings=True
+    ),
+    "hf_dinov2": lambda: small_dinov2(),
+    "hf_dinov2_swiglu": lambda: small_dinov2(use_swiglu_ffn=True),
+    "hf_dinov2_registers": lambda: small_dinov2(registers=4),
+    # zero-shot CLIP / SigLIP
+    "clip_zero_shot": lambda: small_zero_shot("clip"),
+    "siglip_zero_shot": lambda: small_zero_shot("siglip"),
+}
+
+
+def tiny_tokenizer(tmp_path):
+    """A CLIP BPE tokenizer over lowercase letters, '.' and two merges, written to tmp_path (no download)."""
+    import json
+    import string
+
+    from transformers import CLIPTokenizer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + ".":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    vocab["ca"] = len(vocab)
+    vocab["cat</w>"] = len(vocab)
+    assert len(vocab) <= CLIP_TEXT["vocab_size"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)

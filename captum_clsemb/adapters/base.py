@@ -28,6 +28,55 @@ def identity(x: Tensor) -> Tensor:
     return x
 
 
+class LayerScale(nn.Module):
+    r"""Elementwise gain ``x * gamma`` over a model's own parameter (held by reference, not copied).
+
+    Families that keep layer scale as a bare parameter (timm Eva / BEiT ``gamma_1``, Hugging
+    Face BEiT ``lambda_1``, DINOv2 ``layer_scale1.lambda1``) expose it through this module,
+    so that every consumer sees one kind of layer scale with a ``gamma``, like timm's.
+    """
+
+    def __init__(self, gamma: Tensor) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class LinearView(nn.Module):
+    r"""A linear map ``x W^T + b`` whose weight and bias are computed, on each access, from the
+    model's own parameters (e.g. a head made of several layers folded into one matrix).
+
+    Readers use it like an ``nn.Linear`` (``weight``, ``bias``, ``in_features``,
+    ``out_features``, call); it holds no parameters of its own, so it never goes stale.
+    """
+
+    def __init__(self, weight: Callable[[], Tensor], bias: Callable[[], Tensor | None]) -> None:
+        super().__init__()
+        self._weight_fn = weight
+        self._bias_fn = bias
+
+    @property
+    def weight(self) -> Tensor:
+        return self._weight_fn()
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self._bias_fn()
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
 @dataclass(frozen=True)
 class BlockParts:
     r"""The computation of one transformer block, as callables over the model's own modules.
@@ -86,11 +135,13 @@ class ModelAdapter(abc.ABC):
 
     Attributes set by subclasses:
         model: the wrapped model (never modified).
-        family: ``"timm"`` or ``"hf"``.
+        family: ``"timm"`` or ``"hf"`` (whose initialisation the random baselines use).
         num_blocks, num_heads, head_dim, embed_dim, num_classes: sizes.
         prefix_tokens: names of the tokens before the patches, in model order, each one of
             ``"cls"``, ``"dist"`` (DeiT distillation token), ``"reg"`` (register token).
-        pooling: ``"token"`` (class-token models, incl. distilled) or ``"avg"`` (GAP).
+        pooling: ``"token"`` (class-token models, incl. distilled), ``"avg"`` (GAP),
+            ``"cls+avg"`` (a head reading the class token and the patch mean, DINOv2) or
+            ``"map"`` (attention-pooling head, SigLIP).
         class_names: list of class names when the model carries them, else None.
     """
 
@@ -113,6 +164,32 @@ class ModelAdapter(abc.ABC):
     @property
     def has_class_token(self) -> bool:
         return "cls" in self.prefix_tokens
+
+    @property
+    def reads_class_token(self) -> bool:
+        """Whether the classifier head reads the class token (False for mean / attention pooling)."""
+        return self.has_class_token and self.pooling in ("token", "cls+avg")
+
+    # the classifier path when it is more than norm, pooling and one linear head (None: plain head)
+    head_structure: str | None = None
+
+    def lrp_missing_rules(self) -> list[str]:
+        r"""The parts of this model that layer-wise relevance propagation has no rule for yet.
+
+        Empty for the plain ViT families. Methods built on LRP (Chefer et al.) refuse models
+        for which this is non-empty rather than propagate through a part they treat wrongly.
+        """
+        missing = []
+        parts = [self.block(b) for b in range(self.num_blocks)]
+        if any(p.rope is not None for p in parts):
+            missing.append("rotary position embedding (relevance through the rotation of q and k)")
+        if any(p.attn_bias is not None for p in parts):
+            missing.append("relative position bias (an additive attention-score term)")
+        if any(p.mlp_in is not None for p in parts):
+            missing.append("gated MLP (SwiGLU / GLU: relevance through the gate product)")
+        if self.head_structure is not None:
+            missing.append(self.head_structure)
+        return missing
 
     @property
     def class_token_index(self) -> int:
