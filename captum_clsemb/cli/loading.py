@@ -96,6 +96,8 @@ def _load_hf_folder(path: Path) -> LoadedModel:
 
     if not (path / "config.json").is_file():
         raise CLIError(f"{path} is not a Hugging Face model folder (no config.json)")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar around one-line messages
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         arch = (config.architectures or ["ViTForImageClassification"])[0]
@@ -107,6 +109,9 @@ def _load_hf_folder(path: Path) -> LoadedModel:
         raise
     except Exception as e:  # noqa: BLE001
         raise CLIError(f"could not load the Hugging Face model in {path}: {str(e).splitlines()[0]}") from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     mean, std, resize = [0.5] * 3, [0.5] * 3, True
     if (path / "preprocessor_config.json").is_file():

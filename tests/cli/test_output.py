@@ -81,7 +81,12 @@ def test_non_empty_folder_needs_overwrite_and_keeps_other_files(tmp_path: Path, 
     assert _report(d, "--overwrite") == 0
     assert (d / "notes.txt").read_text() == "keep me\n"
     manifest = json.loads((d / ".clsemb-manifest.json").read_text())
-    assert set(manifest["files"]) == {"report.html", "report.json", "identifiability_curves.png", "token_maps.png"}
+    assert set(manifest["files"]) == {
+        "report.html",
+        "report.json",
+        "identifiability_curves.png",
+        "token_maps.png",
+    }
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest
 
@@ -92,20 +97,28 @@ def test_rerun_replaces_only_its_own_files(tmp_path: Path, capsys) -> None:
     first = _snapshot(d)
     (d / "notes.txt").write_text("added by the user\n")
     # an earlier clsemb output folder is replaced without --overwrite; fewer images, other numbers
-    assert main(["report", "--out", str(d), *FAST[:-4], "--max-images", "2", "--sections", "identifiability"]) == 0
+    assert (
+        main(["report", "--out", str(d), *FAST[:-4], "--max-images", "2", "--sections", "identifiability"])
+        == 0
+    )
     second = _snapshot(d)
     assert (d / "notes.txt").read_text() == "added by the user\n"
     assert second["report.json"] != first["report.json"]
-    assert json.loads((d / "report.json").read_text())["sections"]["class_identifiability_across_blocks"][
-        "num_images"
-    ] == 2
+    assert (
+        json.loads((d / "report.json").read_text())["sections"]["class_identifiability_across_blocks"][
+            "num_images"
+        ]
+        == 2
+    )
     # a file of the earlier run that the user edited since is theirs now: refused, kept as it is
     (d / "report.html").write_text("my edits\n")
     assert _report(d) == 2
     err = _one_line_error(capsys)
     assert "report.html" in err
     assert (d / "report.html").read_text() == "my edits\n"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d.")]  # no temporary folders or locks left
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".d.")
+    ]  # no temporary folders or locks left
 
 
 class Crash(Exception):
