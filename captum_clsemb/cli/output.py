@@ -67,6 +67,12 @@ def _owned(folder: Path, manifest: dict[str, str]) -> set[str]:
     return owned
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class _Lock:
     """An exclusive lock file (``fcntl.flock``; released when the process ends, even on a crash)."""
 
@@ -194,6 +200,7 @@ class OutputDir:
             self._check_contents()
             try:
                 self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.clsemb-tmp-", dir=out.parent))
+                self.tmp.chmod(0o777 & ~_umask())  # it becomes --out: the usual permissions, not mkdtemp's 0700
             except OSError as e:
                 raise CLIError(f"--out {out}: cannot write to {out.parent} ({e.strerror})") from e
         except BaseException:

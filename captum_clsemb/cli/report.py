@@ -139,13 +139,14 @@ def identifiability_section(ctx: ReportContext) -> SectionResult:
         for i, j in enumerate(index):
             slot = j // stride
             if slot < ctx.num_sample_images and slot not in samples:
+                # clone: a view would keep (and, under torchrun, send) the whole batch
                 samples[slot] = (
                     j,
-                    x[i].cpu(),
+                    x[i].detach().cpu().clone(),
                     int(target[i]),
                     bool(labels[i] >= 0),
                     paths[i],
-                    scores[i].cpu(),
+                    scores[i].detach().cpu().clone(),
                 )
     acc.all_reduce()
     if acc.num_images == 0:
