@@ -200,7 +200,9 @@ class OutputDir:
             self._check_contents()
             try:
                 self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.clsemb-tmp-", dir=out.parent))
-                self.tmp.chmod(0o777 & ~_umask())  # it becomes --out: the usual permissions, not mkdtemp's 0700
+                self.tmp.chmod(
+                    0o777 & ~_umask()
+                )  # it becomes --out: the usual permissions, not mkdtemp's 0700
             except OSError as e:
                 raise CLIError(f"--out {out}: cannot write to {out.parent} ({e.strerror})") from e
         except BaseException:
@@ -243,8 +245,9 @@ class OutputDir:
             clash = sorted(present & self.planned)
             if clash:
                 raise CLIError(
-                    f"--out {out} already holds {', '.join(clash)}, which clsemb did not write; move them away "
-                    "or choose another --out (--overwrite only replaces files written by an earlier clsemb run)"
+                    f"--out {out} already holds {', '.join(clash)}, which clsemb did not write; move "
+                    f"{'it' if len(clash) == 1 else 'them'} away or choose another --out (--overwrite only "
+                    "replaces files written by an earlier clsemb run)"
                 )
             if not self.overwrite:
                 raise CLIError(
@@ -256,8 +259,9 @@ class OutputDir:
         changed = sorted((present & self.planned) - owned)
         if changed:
             raise CLIError(
-                f"--out {out}: {', '.join(changed)} differ from what the earlier clsemb run wrote there (edited "
-                "since?); move them away or choose another --out (--overwrite only replaces unchanged files)"
+                f"--out {out}: {', '.join(changed)} changed since the earlier clsemb run wrote "
+                f"{'it' if len(changed) == 1 else 'them'} there; move {'it' if len(changed) == 1 else 'them'} away "
+                "or choose another --out (--overwrite only replaces unchanged files of an earlier run)"
             )
 
     # -- after the run ------------------------------------------------------------------------

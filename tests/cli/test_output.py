@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +143,33 @@ def test_a_run_that_fails_while_writing_leaves_the_old_output(tmp_path: Path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # temporary folder and lock removed
     monkeypatch.undo()
     assert _report(d) == 0  # and the folder is usable again
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_during_the_run_leaves_the_old_output(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    assert _report(d) == 0
+    before = _snapshot(d)
+    cmd = [sys.executable, "-m", "captum_clsemb", "report", "--out", str(d), "--no-progress", "--max-images", "40",
+           "--batch-size", "4", "--sections", "identifiability,mechanisms"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".d.clsemb-tmp-*")):  # the run has started computing
+            assert proc.poll() is None, "the run ended without a temporary output folder"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "clsemb: interrupted; --out was left as it was"
+    assert _snapshot(d) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
 def test_a_second_run_on_the_same_out_fails_while_the_first_runs(tmp_path: Path, capsys) -> None:
