@@ -120,3 +120,45 @@ def test_two_process_report_equals_the_single_process_report(tmp_path: Path) -> 
     # the per-image figures show the same images
     names = sorted(p.name for p in (tmp_path / "single").iterdir())
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == names
+
+
+def _torchrun_report(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "captum_clsemb", "report", "--distributed", "--no-progress", *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_rank_without_images_still_reduces(tmp_path: Path) -> None:
+    # one image for two processes: rank 1's shard is empty (before: "ranks accumulated different quantities")
+    proc = _torchrun_report(
+        "--max-images", "1", "--sections", "identifiability", "--out", str(tmp_path / "o")
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ident = json.loads((tmp_path / "o" / "report.json").read_text())["sections"][
+        "class_identifiability_across_blocks"
+    ]
+    assert ident["num_images"] == 1 and len(ident["token_map_images"]) == 1
+
+
+def test_every_rank_stops_when_rank_0_cannot_write(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.json").write_text("mine\n")
+    proc = _torchrun_report("--max-images", "4", "--sections", "identifiability", "--out", str(out))
+    assert proc.returncode != 0
+    assert "clsemb: error: --out" in proc.stderr and "--overwrite" in proc.stderr
+    assert (out / "report.json").read_text() == "mine\n"
+
+
+def test_empty_accumulator_reports_no_images_instead_of_key_error() -> None:
+    from captum_clsemb.adapters import adapt
+    from captum_clsemb.errors import InputValidationError
+    from captum_clsemb.stream import IdentifiabilityAccumulator
+
+    acc = IdentifiabilityAccumulator(adapt(small_timm()))
+    assert acc.num_images == 0
+    with pytest.raises(InputValidationError, match="no images"):
+        acc.result()
+    with pytest.raises(InputValidationError, match="no images"):
+        dataset_identifiability(small_timm(), [])
