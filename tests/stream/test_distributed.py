@@ -156,9 +156,9 @@ def test_empty_accumulator_reports_no_images_instead_of_key_error() -> None:
     from captum_clsemb.errors import InputValidationError
     from captum_clsemb.stream import IdentifiabilityAccumulator
 
+    with pytest.raises(InputValidationError, match="no images"):  # before: KeyError: 'images'
+        dataset_identifiability(small_timm(), [])
     acc = IdentifiabilityAccumulator(adapt(small_timm()))
     assert acc.num_images == 0
     with pytest.raises(InputValidationError, match="no images"):
         acc.result()
-    with pytest.raises(InputValidationError, match="no images"):
-        dataset_identifiability(small_timm(), [])
