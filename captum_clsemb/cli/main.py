@@ -9,6 +9,15 @@ from collections.abc import Sequence
 
 from captum_clsemb.errors import InputValidationError, UnsupportedModelError
 
+IMAGES_HELP = (
+    "folder of JPEG/PNG/BMP/WebP/TIFF images; class sub-folders give the labels when every folder is named "
+    "after a class of the model (case, '_' and space insensitive) or every folder is a class index; a "
+    "labels.csv inside the folder is used; without labels the predicted class is the target. Default: bundled"
+)
+LABELS_HELP = (
+    "CSV of file,label rows (label: class index or name; files relative to --images; a header row is "
+    "recognised); images not listed are used unlabelled"
+)
 OVERWRITE_HELP = (
     "write into a non-empty --out that holds no earlier clsemb output (an earlier clsemb output is "
     "replaced without it); files clsemb did not write are never replaced or deleted"
@@ -26,10 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", default="demo",
                      help="'demo' (bundled CIFAR-10 ViT), 'timm:<name>' or a local Hugging Face model folder")  # fmt: skip
     rep.add_argument("--checkpoint", help="weights for a timm model (.pth/.pt/.safetensors)")
-    rep.add_argument(
-        "--images", help="folder of JPEG/PNG images (class sub-folders give labels); default: bundled"
-    )
-    rep.add_argument("--labels", help="CSV of file,label (index or class name) relative to --images")
+    rep.add_argument("--images", help=IMAGES_HELP)
+    rep.add_argument("--labels", help=LABELS_HELP)
     rep.add_argument("--out", default="clsemb-report", help="output folder (default: clsemb-report)")
     rep.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     rep.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
@@ -63,10 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--model", default="demo", help="as for report")
     cmp.add_argument("--checkpoint", help="weights for a timm model")
-    cmp.add_argument(
-        "--images", help="folder of labelled images (class sub-folders or --labels); default: bundled"
-    )
-    cmp.add_argument("--labels", help="CSV of file,label for --images")
+    cmp.add_argument("--images", help=IMAGES_HELP + " (every image needs a label)")
+    cmp.add_argument("--labels", help=LABELS_HELP)
     cmp.add_argument(
         "--probe-images", help="labelled images to fit the linear probes (default: half of --images)"
     )

@@ -45,26 +45,34 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(folder: Path) -> dict[str, str] | None:
-    """``{file name: sha256}`` of a previous run's manifest; None when there is no valid one."""
+def _read_manifest(folder: Path) -> dict[str, set[str]] | None:
+    """``{file name: SHA-256 digests}`` of a previous run's manifest; None when there is no valid one."""
     try:
         data = json.loads((folder / MANIFEST).read_text())
         files = data["files"]
         if data.get("tool") != "clsemb" or not isinstance(files, dict):
             return None
-        return {str(k): str(v) for k, v in files.items() if "/" not in k and k not in ("", ".", "..")}
+        return {
+            str(k): {str(v)} if isinstance(v, str) else {str(d) for d in v}
+            for k, v in files.items()
+            if "/" not in str(k) and str(k) not in ("", ".", "..")
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _owned(folder: Path, manifest: dict[str, str]) -> set[str]:
-    """Files of the manifest that are still exactly as the previous run wrote them."""
+def _owned(folder: Path, manifest: dict[str, set[str]]) -> set[str]:
+    """Files of the manifest that are still exactly as a clsemb run wrote them."""
     owned = set()
-    for name, digest in manifest.items():
+    for name, digests in manifest.items():
         path = folder / name
-        if path.is_file() and not path.is_symlink() and _sha256(path) == digest:
+        if path.is_file() and not path.is_symlink() and _sha256(path) in digests:
             owned.add(name)
     return owned
+
+
+def _write_manifest(path: Path, command: str, files: dict) -> None:
+    path.write_text(json.dumps({"tool": "clsemb", "command": command, "files": files}, indent=2) + "\n")
 
 
 def _umask() -> int:
@@ -220,14 +228,8 @@ class OutputDir:
                 return
 
     def _recover(self) -> None:
-        """Clean up after a run that was killed (we hold the lock, so no other run is active)."""
-        parent, name = self.out.parent, self.out.name
-        backups = sorted(parent.glob(f".{name}.clsemb-old-*"))
-        if backups and not self.out.exists():
-            os.rename(backups[-1], self.out)  # killed between the two renames of a commit
-            log.warning("restored the previous output in %s from an interrupted run", self.out)
-            backups = backups[:-1]
-        for leftover in [*backups, *parent.glob(f".{name}.clsemb-tmp-*")]:
+        """Remove temporary folders of runs that were killed (we hold the lock: no other run is active)."""
+        for leftover in self.out.parent.glob(f".{self.out.name}.clsemb-tmp-*"):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
 
@@ -271,32 +273,27 @@ class OutputDir:
         assert self.tmp is not None, "open() first"
         tmp = self.tmp
         try:
-            names = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)
-            manifest = {
-                "tool": "clsemb",
-                "command": self.command,
-                "files": {n: _sha256(tmp / n) for n in names},
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+            _write_manifest(tmp / MANIFEST, self.command, digests)
             with _deferred_interrupts():
-                self._move_into_place(names)
+                self._move_into_place(digests)
         except OSError as e:
             raise CLIError(f"could not move the output into --out {self.out} ({e}); it is in {tmp}") from e
         finally:
             self.tmp = None
             self._lock.release()
 
-    def _move_into_place(self, names: list[str]) -> None:
+    def _move_into_place(self, digests: dict[str, str]) -> None:
         out, tmp = self.out, self.tmp
         assert tmp is not None
+        names = list(digests)
         if not out.exists():
             os.rename(tmp, out)
             return
         old = _read_manifest(out)
         owned = (_owned(out, old) | {MANIFEST}) if old is not None else set()
-        present = {p.name for p in out.iterdir()}
-        foreign = present - owned
-        clash = sorted(foreign & set([*names, MANIFEST]))
+        foreign = {p.name for p in out.iterdir()} - owned
+        clash = sorted(foreign & {*names, MANIFEST})
         if clash:  # a file appeared while the run was computing: keep the new output elsewhere
             kept = Path(tempfile.mkdtemp(prefix=f"{out.name}-new-", dir=out.parent))
             kept.rmdir()
@@ -305,14 +302,15 @@ class OutputDir:
                 f"--out {out}: {', '.join(clash)} appeared there during the run and clsemb does not replace files "
                 f"it did not write; the new output is in {kept}"
             )
-        if not foreign:  # only our files: swap the whole folder
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.clsemb-old-", dir=out.parent))
-            backup.rmdir()
-            os.rename(out, backup)
-            os.rename(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-            return
-        # other files live in the folder: replace our files one by one, the manifest last
+        # the folder stays (its permissions, other files, a shell inside it): each file is replaced
+        # atomically, within a few milliseconds with interrupts held back. Until the final manifest
+        # is in place an interim one accepts the old and the new version of every file, so that a
+        # run killed right here leaves files that a later run still recognises as its own.
+        prev = old or {}
+        interim = {n: sorted(prev.get(n, set()) | {d}) if n in owned else [d] for n, d in digests.items()}
+        interim.update({n: sorted(prev[n]) for n in owned - {MANIFEST} - set(names)})
+        _write_manifest(tmp / ".interim", self.command, interim)
+        os.replace(tmp / ".interim", out / MANIFEST)
         for name in names:
             os.replace(tmp / name, out / name)
         for name in sorted((owned - {MANIFEST}) - set(names)):

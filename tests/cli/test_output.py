@@ -145,6 +145,38 @@ def test_a_run_that_fails_while_writing_leaves_the_old_output(tmp_path: Path, mo
     assert _report(d) == 0  # and the folder is usable again
 
 
+def test_a_run_killed_while_moving_files_leaves_a_folder_the_next_run_accepts(
+    tmp_path: Path, monkeypatch
+) -> None:
+    d = tmp_path / "d"
+    assert _report(d) == 0
+    real_replace, moved = os.replace, []
+
+    def dies_after_two_files(src, dst):  # the process dies after two output files were moved
+        if Path(dst).parent == d and Path(dst).name != ".clsemb-manifest.json":
+            if len(moved) == 2:
+                raise OSError("killed")
+            moved.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_after_two_files)
+    assert (
+        main(["report", "--out", str(d), *FAST[:-4], "--max-images", "2", "--sections", "identifiability"])
+        == 2
+    )
+    monkeypatch.undo()
+    assert len(moved) == 2
+    # old and new files are mixed, but every one is known to be clsemb's: the next run replaces them
+    assert _report(d) == 0
+    assert (
+        json.loads((d / "report.json").read_text())["sections"]["class_identifiability_across_blocks"][
+            "num_images"
+        ]
+        == 4
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_during_the_run_leaves_the_old_output(tmp_path: Path) -> None:
     d = tmp_path / "d"
