@@ -208,9 +208,8 @@ class OutputDir:
             self._check_contents()
             try:
                 self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.clsemb-tmp-", dir=out.parent))
-                self.tmp.chmod(
-                    0o777 & ~_umask()
-                )  # it becomes --out: the usual permissions, not mkdtemp's 0700
+                # it may become --out: the usual permissions, not mkdtemp's 0700
+                self.tmp.chmod(0o777 & ~_umask())
             except OSError as e:
                 raise CLIError(f"--out {out}: cannot write to {out.parent} ({e.strerror})") from e
         except BaseException:
@@ -278,7 +277,9 @@ class OutputDir:
             with _deferred_interrupts():
                 self._move_into_place(digests)
         except OSError as e:
-            raise CLIError(f"could not move the output into --out {self.out} ({e}); it is in {tmp}") from e
+            kept = self._keep(tmp) if tmp.exists() else None
+            where = f"; what was not moved yet is in {kept}" if kept else ""
+            raise CLIError(f"could not move the output into --out {self.out} ({e}){where}") from e
         finally:
             self.tmp = None
             self._lock.release()
@@ -295,9 +296,7 @@ class OutputDir:
         foreign = {p.name for p in out.iterdir()} - owned
         clash = sorted(foreign & {*names, MANIFEST})
         if clash:  # a file appeared while the run was computing: keep the new output elsewhere
-            kept = Path(tempfile.mkdtemp(prefix=f"{out.name}-new-", dir=out.parent))
-            kept.rmdir()
-            os.rename(tmp, kept)
+            kept = self._keep(tmp)
             raise CLIError(
                 f"--out {out}: {', '.join(clash)} appeared there during the run and clsemb does not replace files "
                 f"it did not write; the new output is in {kept}"
@@ -317,6 +316,16 @@ class OutputDir:
             (out / name).unlink()  # a file of the earlier run that this run does not produce
         os.replace(tmp / MANIFEST, out / MANIFEST)
         shutil.rmtree(tmp, ignore_errors=True)
+
+    def _keep(self, tmp: Path) -> Path | None:
+        """Give the temporary folder a visible name beside ``out`` (later runs remove hidden ones)."""
+        try:
+            kept = Path(tempfile.mkdtemp(prefix=f"{self.out.name}-new-", dir=self.out.parent))
+            kept.rmdir()
+            os.rename(tmp, kept)
+            return kept
+        except OSError:
+            return tmp
 
     def discard(self) -> None:
         """Remove the temporary folder and unlock (the run failed or was interrupted)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,10 @@ def test_a_run_killed_while_moving_files_leaves_a_folder_the_next_run_accepts(
     )
     monkeypatch.undo()
     assert len(moved) == 2
+    # the error names where the files not moved yet were kept
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("d-new-")]
+    assert len(kept) == 1 and (kept[0] / "report.json").is_file()
+    shutil.rmtree(kept[0])
     # old and new files are mixed, but every one is known to be clsemb's: the next run replaces them
     assert _report(d) == 0
     assert (
