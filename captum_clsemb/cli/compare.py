@@ -28,7 +28,9 @@ COMPARE_FILES = ("results.md", "results.csv", "curves.png", "run.json")
 def _load_tensors(
     images: str, labels: str | None, loaded, num_classes: int, max_images: int | None, out: Path
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
-    image_set = find_images(images, labels, loaded.class_names, num_classes, exclude=(out,))
+    image_set = find_images(
+        images, labels, loaded.class_names, num_classes, exclude=(out,), class_ids=loaded.class_ids
+    )
     n = len(image_set.files) if max_images is None else min(max_images, len(image_set.files))
     unlabelled = [f.name for f, lab in zip(image_set.files[:n], image_set.labels[:n]) if lab is None]
     if unlabelled:

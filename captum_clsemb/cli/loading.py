@@ -31,6 +31,21 @@ class LoadedModel:
     transform: Callable[[Image.Image], Tensor]
     class_names: list[str] | None
     description: str
+    # other names of the classes that image folders may use (ImageNet: WordNet ids such as n01440764)
+    class_ids: list[str] | None = None
+
+
+def _imagenet_names(num_classes: int) -> tuple[list[str], list[str]] | None:
+    """(descriptions, WordNet ids) of the ImageNet subset with ``num_classes`` classes, as timm infers it."""
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+    except ImportError:
+        return None
+    subset = infer_imagenet_subset({"num_classes": num_classes})
+    if subset is None:
+        return None
+    info = ImageNetInfo(subset)
+    return list(info.label_descriptions()), list(info.label_names())
 
 
 def load_model(spec: str, checkpoint: str | None = None) -> LoadedModel:
@@ -88,7 +103,12 @@ def _load_timm(name: str, checkpoint: str | None) -> LoadedModel:
         desc = f"timm {name} with weights from {ckpt}"
     model.eval()
     cfg = resolve_data_config({}, model=model)
-    return LoadedModel(model, create_transform(**cfg), None, desc)
+    # timm models carry no class names; like timm's own tools, take ImageNet's from the class count
+    imagenet = _imagenet_names(model.num_classes)
+    if imagenet is None:
+        return LoadedModel(model, create_transform(**cfg), None, desc)
+    desc += f"; class names of ImageNet ({model.num_classes} classes)"
+    return LoadedModel(model, create_transform(**cfg), imagenet[0], desc, class_ids=imagenet[1])
 
 
 def _load_hf_folder(path: Path) -> LoadedModel:
@@ -123,7 +143,11 @@ def _load_hf_folder(path: Path) -> LoadedModel:
     id2label = getattr(config, "id2label", {}) or {}
     names = [id2label.get(i) for i in range(len(id2label))]
     names = names if names and all(names) and names[0] != "LABEL_0" else None
-    return LoadedModel(model, transform, names, f"Hugging Face {arch} from {path}")
+    ids = None
+    imagenet = _imagenet_names(len(names)) if names else None
+    if imagenet is not None and sum(a == b for a, b in zip(names, imagenet[0])) >= 0.95 * len(names):
+        ids = imagenet[1]  # ImageNet labels: folders may also use the WordNet ids
+    return LoadedModel(model, transform, names, f"Hugging Face {arch} from {path}", class_ids=ids)
 
 
 class SquashTransform:
@@ -166,7 +190,7 @@ def _is_index(text: str) -> bool:
 class _ClassNames:
     """Looks up class names (normalised) and their comma-separated aliases ("tench, Tinca tinca")."""
 
-    def __init__(self, class_names: list[str] | None) -> None:
+    def __init__(self, class_names: list[str] | None, class_ids: list[str] | None = None) -> None:
         self.names = class_names or []
         self.full: dict[str, set[int]] = {}
         self.alias: dict[str, set[int]] = {}
@@ -175,6 +199,8 @@ class _ClassNames:
             for part in n.split(","):
                 if part.strip():
                     self.alias.setdefault(normalise_name(part), set()).add(i)
+        for i, n in enumerate(class_ids or []):
+            self.full.setdefault(normalise_name(n), set()).add(i)
 
     def lookup(self, name: str) -> int | None:
         """The class index of ``name``; None when it matches no class or several."""
@@ -205,6 +231,7 @@ def find_images(
     class_names: list[str] | None,
     num_classes: int | None = None,
     exclude: tuple[str | Path, ...] = (),
+    class_ids: list[str] | None = None,
 ) -> ImageSet:
     r"""List images under ``root`` with labels from class sub-folders or a CSV.
 
@@ -223,6 +250,7 @@ def find_images(
         class_names: the model's class names, or None.
         num_classes: the model's number of classes, for range checks.
         exclude: paths under ``root`` to leave out (e.g. the output folder).
+        class_ids: other names of the classes, in class order (e.g. ImageNet's WordNet ids).
     Returns:
         an :class:`ImageSet`.
     """
@@ -234,14 +262,14 @@ def find_images(
         labels_csv = root / "labels.csv"
         log.warning("using the labels in %s (pass --labels to use another file)", labels_csv)
     if labels_csv is not None:
-        return _from_csv(root, Path(labels_csv), class_names, num_classes, excl)
+        return _from_csv(root, Path(labels_csv), _ClassNames(class_names, class_ids), num_classes, excl)
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and _visible(d, root, excl) and _has_images(d))
     if not subdirs:
         files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if not files:
             raise CLIError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
         return ImageSet(files, [None] * len(files), class_names)
-    index = _folder_labels([d.name for d in subdirs], class_names, num_classes, root)
+    index = _folder_labels([d.name for d in subdirs], _ClassNames(class_names, class_ids), num_classes, root)
     loose = [f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
     if loose:
         log.warning(
@@ -259,10 +287,10 @@ def find_images(
 
 
 def _folder_labels(
-    names: list[str], class_names: list[str] | None, num_classes: int | None, root: Path
+    names: list[str], lookup: _ClassNames, num_classes: int | None, root: Path
 ) -> dict[str, int]:
     """Folder name -> class index: all names are class names, or all are class indices."""
-    lookup = _ClassNames(class_names)
+    class_names = lookup.names
     by_name = {n: lookup.lookup(n) for n in names} if class_names else {}
     named_ok = bool(class_names) and all(v is not None for v in by_name.values())
     if all(_is_index(n) for n in names):
@@ -305,13 +333,13 @@ def _first(items: list, k: int = 5) -> str:
 def _from_csv(
     root: Path,
     csv_path: Path,
-    class_names: list[str] | None,
+    lookup: _ClassNames,
     num_classes: int | None,
     exclude: tuple[Path, ...],
 ) -> ImageSet:
     if not csv_path.is_file():
         raise CLIError(f"labels CSV not found: {csv_path}")
-    lookup = _ClassNames(class_names)
+    class_names = lookup.names or None
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(enumerate(csv.reader(fh), start=1))

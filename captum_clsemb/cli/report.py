@@ -397,7 +397,9 @@ def _compute_report(
     except (RuntimeError, AssertionError) as e:
         raise CLIError(f"device {str(dev)!r} is not available: {str(e).splitlines()[0]}") from e
     adapter = adapt(loaded.model)
-    image_set = find_images(images, labels, loaded.class_names, adapter.num_classes, exclude=(out,))
+    image_set = find_images(
+        images, labels, loaded.class_names, adapter.num_classes, exclude=(out,), class_ids=loaded.class_ids
+    )
     ctx = ReportContext(
         loaded, adapter, image_set, dev, batch_size, max_images, progress, num_workers=num_workers
     )

@@ -98,17 +98,47 @@ def test_integer_folder_out_of_range(tmp_path: Path, capsys) -> None:
     assert "'12'" in err and "10 classes" in err
 
 
+def _hf_without_class_names(folder: Path) -> Path:
+    """A small random Hugging Face ViT whose labels are LABEL_0..LABEL_4 (no class names)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, num_labels=5)  # fmt: skip
+    ViTForImageClassification(cfg).save_pretrained(folder)
+    return folder
+
+
 def test_model_without_class_names_needs_index_folders_or_csv(tmp_path: Path, capsys) -> None:
     _copy("cat", tmp_path / "imgs" / "cat", 1)
     _copy("ship", tmp_path / "imgs" / "ship", 1)
-    args = ["--model", "timm:vit_tiny_patch16_224", "--max-images", "1"]
-    assert _report(tmp_path / "imgs", tmp_path / "out", *args) == 2
+    hf = _hf_without_class_names(tmp_path / "hf")
+    capsys.readouterr()
+    assert _report(tmp_path / "imgs", tmp_path / "out", "--model", str(hf)) == 2
     err = _error(capsys)
     assert "no class names" in err and "--labels" in err and "'cat'" in err
     # class-index folders work without class names
-    (tmp_path / "imgs" / "cat").rename(tmp_path / "imgs" / "281")
-    (tmp_path / "imgs" / "ship").rename(tmp_path / "imgs" / "510")
-    assert find_images(tmp_path / "imgs", None, None, 1000).labels == [281, 510]
+    (tmp_path / "imgs" / "cat").rename(tmp_path / "imgs" / "1")
+    (tmp_path / "imgs" / "ship").rename(tmp_path / "imgs" / "4")
+    assert _report(tmp_path / "imgs", tmp_path / "out", "--model", str(hf)) == 0
+    assert _ident(tmp_path / "out")["num_labelled"] == 2
+
+
+def test_imagenet_folders_for_timm_models(tmp_path: Path) -> None:
+    # timm models carry no class names: ImageNet's (WordNet ids or names) are used for 1000 classes
+    from captum_clsemb.cli.loading import load_model
+
+    loaded = load_model("timm:vit_tiny_patch16_224")
+    for name in ("n01443537", "tench", "Great_White_Shark"):  # goldfish (1), tench (0), great white shark (2)
+        _copy("cat", tmp_path / "imgs" / name, 1)
+    s = find_images(tmp_path / "imgs", None, loaded.class_names, 1000, class_ids=loaded.class_ids)
+    assert {f.parent.name: lab for f, lab in zip(s.files, s.labels)} == {
+        "n01443537": 1,
+        "tench": 0,
+        "Great_White_Shark": 2,
+    }
+    # before: sorted folder order, 0, 1, 2, whatever the names
+    ds = ImageFileDataset(s, loaded.transform)
+    assert [ds[i][1] for i in range(3)] == [2, 1, 0]
 
 
 # -- labels CSV ------------------------------------------------------------------------------------

@@ -108,9 +108,10 @@ def _check_csv_result(s: ImageSet, root: Path, text: str, class_names: list[str]
     for i, r in enumerate(parsed):
         rows_for.setdefault(os.path.abspath(root / r[0]), []).append((i, r))
     for key, lab in zip(keys, s.labels):
-        listed = rows_for.get(key, [])
-        if lab is None:  # unlisted, or named only by the first row taken as a header
-            assert all(i == 0 and _label(r[1], class_names) is None for i, r in listed), (key, listed)
+        # rows naming this file, leaving out a first row that is a header (its label names no class)
+        listed = [(i, r) for i, r in rows_for.get(key, []) if i > 0 or _label(r[1], class_names) is not None]
+        if lab is None:
+            assert not listed, (key, listed)
         else:
             assert len(listed) == 1 and _label(listed[0][1][1], class_names) == lab, (key, listed, lab)
     for file, reason in s.skipped:
