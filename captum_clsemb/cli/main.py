@@ -9,6 +9,20 @@ from collections.abc import Sequence
 
 from captum_clsemb.errors import InputValidationError, UnsupportedModelError
 
+IMAGES_HELP = (
+    "folder of JPEG/PNG/BMP/WebP/TIFF images; class sub-folders give the labels when every folder is named "
+    "after a class of the model (case, '_' and space insensitive) or every folder is a class index; a "
+    "labels.csv inside the folder is used; without labels the predicted class is the target. Default: bundled"
+)
+LABELS_HELP = (
+    "CSV of file,label rows (label: class index or name; files relative to --images; a header row is "
+    "recognised); images not listed are used unlabelled"
+)
+OVERWRITE_HELP = (
+    "write into a non-empty --out that holds no earlier clsemb output (an earlier clsemb output is "
+    "replaced without it); files clsemb did not write are never replaced or deleted"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -21,11 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", default="demo",
                      help="'demo' (bundled CIFAR-10 ViT), 'timm:<name>' or a local Hugging Face model folder")  # fmt: skip
     rep.add_argument("--checkpoint", help="weights for a timm model (.pth/.pt/.safetensors)")
-    rep.add_argument(
-        "--images", help="folder of JPEG/PNG images (class sub-folders give labels); default: bundled"
-    )
-    rep.add_argument("--labels", help="CSV of file,label (index or class name) relative to --images")
+    rep.add_argument("--images", help=IMAGES_HELP)
+    rep.add_argument("--labels", help=LABELS_HELP)
     rep.add_argument("--out", default="clsemb-report", help="output folder (default: clsemb-report)")
+    rep.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     rep.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     rep.add_argument("--batch-size", type=int, default=64)
     rep.add_argument(
@@ -57,15 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--model", default="demo", help="as for report")
     cmp.add_argument("--checkpoint", help="weights for a timm model")
-    cmp.add_argument(
-        "--images", help="folder of labelled images (class sub-folders or --labels); default: bundled"
-    )
-    cmp.add_argument("--labels", help="CSV of file,label for --images")
+    cmp.add_argument("--images", help=IMAGES_HELP + " (every image needs a label)")
+    cmp.add_argument("--labels", help=LABELS_HELP)
     cmp.add_argument(
         "--probe-images", help="labelled images to fit the linear probes (default: half of --images)"
     )
     cmp.add_argument("--probe-labels", help="CSV of file,label for --probe-images")
     cmp.add_argument("--out", default="clsemb-compare", help="output folder (default: clsemb-compare)")
+    cmp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     cmp.add_argument("--num-images", type=int, default=None, help="evaluate at most this many images")
     cmp.add_argument("--batch-size", type=int, default=32)
     cmp.add_argument("--explain-target", default="label", choices=["label", "predicted"])
@@ -95,25 +107,32 @@ def _init_distributed(device: str) -> None:
     dist.init_process_group(backend)
 
 
+def _destroy_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="clsemb: %(message)s")
     from captum_clsemb.cli.loading import CLIError
 
+    started_group = False
     try:
         if args.command == "report":
             from captum_clsemb.cli.report import run_report
 
-            if args.batch_size < 1:
-                raise CLIError("--batch-size must be at least 1")
             if args.distributed:
                 _init_distributed(args.device)
+                started_group = True
             data = run_report(
                 model=args.model, checkpoint=args.checkpoint, images=args.images, labels=args.labels, out=args.out,
                 device=args.device, batch_size=args.batch_size, max_images=args.max_images,
                 progress=not args.no_progress, num_workers=args.num_workers,
                 section_names=[n.strip() for n in args.sections.split(",") if n.strip()],
-                compare_images=args.compare_images,
+                compare_images=args.compare_images, overwrite=args.overwrite,
             )  # fmt: skip
             if not data:  # a non-zero rank of a distributed run
                 return 0
@@ -124,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"top-1 accuracy {acc * 100:.2f}%, last-block identifiability rate "
                       f"{ident['identifiability_rate_last_block_percent']:.2f}%")  # fmt: skip
             if data["skipped_files"]:
-                print(f"skipped {len(data['skipped_files'])} unreadable file(s); see report.json")
+                print(f"skipped {len(data['skipped_files'])} file(s) (unreadable, non-finite or missing); "
+                      "see report.json")  # fmt: skip
         elif args.command == "compare":
             from captum_clsemb.cli.compare import run_compare
 
@@ -133,12 +153,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 probe_images=args.probe_images, probe_labels=args.probe_labels, out=args.out,
                 num_images=args.num_images, batch_size=args.batch_size, explain_target=args.explain_target,
                 protocol=args.protocol, score=args.score, device=args.device, progress=not args.no_progress,
+                overwrite=args.overwrite,
             )  # fmt: skip
             print(data["markdown"])
             print(f"written to {args.out}/ (results.md, results.csv, curves.png, run.json)")
     except (CLIError, InputValidationError, UnsupportedModelError) as e:
         print(f"clsemb: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("clsemb: interrupted; --out was left as it was", file=sys.stderr)
+        return 130
+    finally:
+        if started_group:
+            _destroy_distributed()
     return 0
 
 

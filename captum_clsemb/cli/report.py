@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -22,12 +21,22 @@ from captum_clsemb.cli.loading import (
     ImageFileDataset,
     ImageSet,
     LoadedModel,
+    check_positive,
     collate,
     find_images,
     load_model,
+    resolve_device,
     write_json,
 )
-from captum_clsemb.stream import IdentifiabilityAccumulator, ShardSampler, score_batch, world
+from captum_clsemb.cli.output import OutputDir
+from captum_clsemb.stream import (
+    IdentifiabilityAccumulator,
+    ShardSampler,
+    broadcast_object,
+    gather_objects,
+    score_batch,
+    world,
+)
 from captum_clsemb.viz.identifiability import plot_identifiability_curves, plot_token_maps
 
 log = logging.getLogger("captum_clsemb")
@@ -53,27 +62,34 @@ class ReportContext:
     max_images: int | None
     progress: bool
     num_workers: int = 0
-    # evenly spaced images of the run, kept for per-image figures
+    # evenly spaced images of the run, kept for per-image figures (the same under torchrun)
     sample_images: Tensor | None = None
-    sample_labels: Tensor | None = None
+    sample_labels: Tensor | None = None  # targets: the label, or the predicted class when unlabelled
+    sample_labelled: Tensor | None = None
     sample_paths: list[Path] = field(default_factory=list)
     num_sample_images: int = 6
+    # what the targets are (ground-truth labels / predicted class), set by the identifiability section
+    targets: str = "ground-truth labels"
 
     @property
     def num_images(self) -> int:
         n = len(self.images.files)
         return n if self.max_images is None else min(n, self.max_images)
 
-    def batches(self, desc: str) -> Iterator[tuple[Tensor, Tensor, list[Path]]]:
-        """Stream (pixels, labels (-1 = unknown), paths) over this rank's shard of the images.
+    def batches(
+        self, desc: str, shard: bool = True
+    ) -> Iterator[tuple[Tensor, Tensor, list[Path], list[int]]]:
+        """Stream (pixels, labels (-1 = unknown), paths, file indices) over the images.
 
-        Unreadable files are recorded in ``images.skipped`` and left out.
+        ``shard``: under ``torch.distributed``, only this rank's shard (else every image).
+        Unusable files (unreadable, non-finite) are recorded in ``images.skipped`` and left out.
         """
         subset = torch.utils.data.Subset(
             ImageFileDataset(self.images, self.loaded.transform), range(self.num_images)
         )
+        sampler = ShardSampler(subset) if shard else ShardSampler(subset, rank=0, world_size=1)
         loader = torch.utils.data.DataLoader(
-            subset, batch_size=self.batch_size, sampler=ShardSampler(subset), collate_fn=collate,
+            subset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
             num_workers=self.num_workers,
         )  # fmt: skip
         it = iter(loader)
@@ -81,79 +97,117 @@ class ReportContext:
             from tqdm.auto import tqdm
 
             it = tqdm(it, total=len(loader), desc=desc, unit="batch", leave=False)
-        for x, labels, paths, skipped in it:
+        for x, labels, paths, skipped, index in it:
             for item in skipped:  # sections stream the images again: report each file once
                 if item not in self.images.skipped:
-                    log.warning("skipping unreadable image %s: %s", *item)
+                    log.warning("skipping image %s: %s", *item)
                     self.images.skipped.append(item)
             if x is not None:
-                yield x, labels, paths
+                yield x, labels, paths, index
 
     def class_name(self, index: int) -> str:
         names = self.loaded.class_names or self.images.class_names
         return names[index] if names and 0 <= index < len(names) else str(index)
 
 
+def targets_description(num_labelled: int, num_images: int) -> str:
+    """Which classes the numbers are computed against, for the report's text and JSON."""
+    if num_labelled == num_images:
+        return "ground-truth labels"
+    if num_labelled == 0:
+        return "the predicted class (the images have no labels)"
+    return (
+        f"ground-truth labels for {num_labelled} images, the predicted class for the "
+        f"{num_images - num_labelled} unlabelled ones"
+    )
+
+
 def identifiability_section(ctx: ReportContext) -> SectionResult:
     """Accuracy, identifiability rates, Fig. 2 curves and token maps, streamed over the images."""
     adapter = ctx.adapter
     nb, p = adapter.num_blocks, adapter.num_prefix_tokens
+    rank, _ = world()
     acc = IdentifiabilityAccumulator(adapter)
-    sample_scores: list[Tensor] = []
+    # sample slot k: the first usable image among files k * stride .. (k + 1) * stride - 1, so that
+    # the samples do not depend on batching or sharding
     stride = max(1, ctx.num_images // ctx.num_sample_images)
-    seen = 0
-    for x, labels, paths in ctx.batches("identifiability"):
+    samples: dict[int, tuple] = {}
+    for x, labels, paths, index in ctx.batches("identifiability"):
         x, labels = x.to(ctx.device), labels.to(ctx.device)
         scores, pred, target = score_batch(adapter, x, labels)
         acc.update(scores, pred, labels)
-        # keep evenly spaced images (across classes when sorted by class) for the per-image figures
-        picks = [i for i in range(x.shape[0]) if (seen + i) % stride == 0]
-        picks = picks[: ctx.num_sample_images - len(ctx.sample_paths)]
-        seen += x.shape[0]
-        if picks:
-            ctx.sample_images = _cat(ctx.sample_images, x[picks].cpu())
-            ctx.sample_labels = _cat(ctx.sample_labels, target[picks].cpu())
-            ctx.sample_paths += [paths[i] for i in picks]
-            sample_scores.append(scores[picks].cpu())
-    numbers = acc.all_reduce().result()
-    if numbers["num_images"] == 0:
-        raise CLIError("no readable images: every file was skipped")
-    numbers["targets"] = "ground-truth labels (predicted class where a label is unknown)"
+        for i, j in enumerate(index):
+            slot = j // stride
+            if slot < ctx.num_sample_images and slot not in samples:
+                # clone: a view would keep (and, under torchrun, send) the whole batch
+                samples[slot] = (
+                    j,
+                    x[i].detach().cpu().clone(),
+                    int(target[i]),
+                    bool(labels[i] >= 0),
+                    paths[i],
+                    scores[i].detach().cpu().clone(),
+                )
+    acc.all_reduce()
+    if acc.num_images == 0:
+        example = (
+            f" (e.g. {ctx.images.skipped[0][0]}: {ctx.images.skipped[0][1]})" if ctx.images.skipped else ""
+        )
+        raise CLIError(f"no usable images: all {ctx.num_images} file(s) were skipped{example}")
+    merged: dict[int, tuple] = {}
+    for part in gather_objects(samples):  # every rank's candidates; the lowest file index wins
+        for slot, item in part.items():
+            if slot not in merged or item[0] < merged[slot][0]:
+                merged[slot] = item
+    chosen = [merged[k] for k in sorted(merged)]
+    if chosen:
+        ctx.sample_images = torch.stack([c[1] for c in chosen])
+        ctx.sample_labels = torch.tensor([c[2] for c in chosen])
+        ctx.sample_labelled = torch.tensor([c[3] for c in chosen])
+        ctx.sample_paths = [c[4] for c in chosen]
+    numbers = acc.result()
+    ctx.targets = targets_description(numbers["num_labelled"], numbers["num_images"])
+    numbers["targets"] = ctx.targets
     curves = numbers["mean_identifiability_per_block"]
     rate = numbers["identifiability_rate_per_block_percent"]
     n_images = numbers["num_images"]
-    figures = {
-        "identifiability_curves": plot_identifiability_curves(
+    figures = {}
+    if rank == 0:  # only rank 0 writes the report
+        figures["identifiability_curves"] = plot_identifiability_curves(
             curves, chance=numbers["chance_mean_identifiability"], title="Class identifiability per block"
         )
-    }
-    if sample_scores:
-        s = torch.cat(sample_scores)
+    if chosen:
         blocks = sorted({round(i * (nb - 1) / 3) for i in range(4)}) if nb > 4 else list(range(nb))
-        titles = [
-            f"{Path(pth).name}: {ctx.class_name(int(t))}"
-            for pth, t in zip(ctx.sample_paths, ctx.sample_labels)
-        ]
-        mean, std = _norm_stats(ctx.loaded)
-        figures["token_maps"] = plot_token_maps(
-            s, ctx.sample_images, adapter.grid_size, p, blocks, titles, mean, std
-        )
         numbers["token_map_blocks"] = [b + 1 for b in blocks]
+        numbers["token_map_images"] = [str(pth) for pth in ctx.sample_paths]
+        if rank == 0:
+            titles = [
+                f"{Path(pth).name}: {ctx.class_name(int(t))}" + ("" if known else " (predicted)")
+                for pth, t, known in zip(ctx.sample_paths, ctx.sample_labels, ctx.sample_labelled)
+            ]
+            mean, std = _norm_stats(ctx.loaded)
+            figures["token_maps"] = plot_token_maps(
+                torch.stack([c[5] for c in chosen]),
+                ctx.sample_images,
+                adapter.grid_size,
+                p,
+                blocks,
+                titles,
+                mean,
+                std,
+            )
     top1 = numbers["top1_accuracy"]
     text = (
-        f"{n_images} images; top-1 accuracy {top1 * 100:.2f}%. "
+        f"{n_images} images; top-1 accuracy {top1 * 100:.2f}% (over the {numbers['num_labelled']} labelled). "
         if top1 is not None
-        else f"{n_images} images. "
+        else f"{n_images} images (no labels: accuracy unknown). "
     ) + (
+        f"Targets: {ctx.targets}. "
         f"Last-block identifiability rate (image tokens whose top-1 class in class embedding space is the target): "
         f"{rate[-1]:.2f}% (chance {100 / adapter.num_classes:.1f}%); images with at least one such token: "
         f"{numbers['images_with_identifiable_token_percent']:.2f}%."
     )
     return SectionResult("Class identifiability across blocks", numbers, figures, text)
-
-
-def _cat(a: Tensor | None, b: Tensor) -> Tensor:
-    return b if a is None else torch.cat([a, b])
 
 
 def _norm_stats(loaded: LoadedModel) -> tuple[list[float] | None, list[float] | None]:
@@ -174,6 +228,20 @@ Section = Callable[[ReportContext], SectionResult]
 
 
 SECTION_NAMES = ("identifiability", "explanations", "mechanisms", "comparison")
+
+# the files each section may write (checked against --out before the run)
+REPORT_FILES = ("report.html", "report.json")
+SECTION_FILES = {
+    "identifiability": ("identifiability_curves.png", "token_maps.png"),
+    "explanations": ("explanation_block_head_grid.png", "global_maps.png"),
+    "mechanisms": (
+        "class_value_agreement.png",
+        "key_value_agreement.png",
+        "class_similarity_change.png",
+        "residual_match.png",
+    ),
+    "comparison": ("perturbation_curves.png",),
+}
 
 
 def default_sections(names: Sequence[str] = SECTION_NAMES, compare_images: int = 20) -> list[Section]:
@@ -260,45 +328,90 @@ def run_report(
     num_workers: int = 0,
     section_names: Sequence[str] = SECTION_NAMES,
     compare_images: int = 20,
+    overwrite: bool = False,
 ) -> dict:
     r"""Run the report and write it to ``out``; returns the JSON data.
 
     With no arguments: the bundled CIFAR-10 model on its bundled images. Under ``torchrun``
-    (an initialised ``torch.distributed`` process group) every rank processes its shard of
-    the images, the numbers are reduced exactly over ranks and rank 0 writes the report.
+    (an initialised ``torch.distributed`` process group) every rank processes its share of
+    the work, the numbers are combined exactly over ranks and rank 0 writes the report
+    (other ranks return ``{}``). ``out`` is checked before any work starts and written
+    atomically (see :class:`~captum_clsemb.cli.output.OutputDir`); ``overwrite`` allows a
+    non-empty folder without earlier clsemb output (its files are left untouched).
     """
-    loaded = load_model(model, checkpoint)
+    check_positive(batch_size, "--batch-size")
+    check_positive(max_images, "--max-images")
+    check_positive(num_workers, "--num-workers", minimum=0)
+    check_positive(compare_images, "--compare-images", minimum=0)
+    dev = resolve_device(device)
+    chosen = sections or default_sections(section_names, compare_images)
     if images is None:
         from captum_clsemb.demo import DEMO_IMAGES_DIR
 
         images = str(DEMO_IMAGES_DIR)
-    image_set = find_images(images, labels, loaded.class_names)
+    if Path(images).resolve() == Path(out).resolve():
+        raise CLIError("--out must not be the --images folder")
+    planned = set(REPORT_FILES)
+    for name in SECTION_FILES if sections else ["identifiability", *section_names]:
+        planned.update(SECTION_FILES.get(name, ()))
+    rank, size = world()
+    output = OutputDir(out, "report", planned, overwrite) if rank == 0 else None
+    error = None
+    if output is not None:
+        try:
+            output.open()
+        except CLIError as e:
+            error = str(e)
+    error = broadcast_object(error)  # every rank stops if rank 0 cannot write
+    if error:
+        raise CLIError(error)
     try:
-        dev = torch.device(device)
+        data = _compute_report(model, checkpoint, images, labels, out, dev, batch_size, max_images, chosen,
+                               progress, num_workers, output)  # fmt: skip
+    except BaseException:
+        if output is not None:
+            output.discard()
+        raise
+    if output is not None:
+        output.commit()
+    return data
+
+
+def _compute_report(
+    model: str,
+    checkpoint: str | None,
+    images: str,
+    labels: str | None,
+    out: str | Path,
+    dev: torch.device,
+    batch_size: int,
+    max_images: int | None,
+    sections: list[Section],
+    progress: bool,
+    num_workers: int,
+    output: OutputDir | None,
+) -> dict:
+    loaded = load_model(model, checkpoint)
+    try:
         loaded.model.to(dev)
     except (RuntimeError, AssertionError) as e:
-        raise CLIError(f"device {device!r} is not available: {str(e).splitlines()[0]}") from e
+        raise CLIError(f"device {str(dev)!r} is not available: {str(e).splitlines()[0]}") from e
     adapter = adapt(loaded.model)
-    if image_set.class_names and not loaded.class_names and len(image_set.class_names) > adapter.num_classes:
-        raise CLIError(
-            f"the images have {len(image_set.class_names)} classes but the model only {adapter.num_classes}"
-        )
-    if any(lab is not None and not 0 <= lab < adapter.num_classes for lab in image_set.labels):
-        raise CLIError(f"a label is out of range for a model with {adapter.num_classes} classes")
+    image_set = find_images(
+        images, labels, loaded.class_names, adapter.num_classes, exclude=(out,), class_ids=loaded.class_ids
+    )
     ctx = ReportContext(
         loaded, adapter, image_set, dev, batch_size, max_images, progress, num_workers=num_workers
     )
     results = []
-    for section in sections or default_sections(section_names, compare_images):
+    for section in sections:
         start = time.perf_counter()
         res = section(ctx)
         res.numbers["seconds"] = round(time.perf_counter() - start, 2)
         results.append(res)
-    rank, size = world()
-    if size > 1:  # every rank saw a shard: gather the skipped files; rank 0 writes
-        gathered: list = [None] * size
-        dist.all_gather_object(gathered, image_set.skipped)
-        image_set.skipped = sorted({tuple(item) for part in gathered for item in part})
-        if rank != 0:
-            return {}
-    return write_report(results, ctx, Path(out))
+    # every rank saw a shard: gather the skipped files (in a fixed order); rank 0 writes
+    image_set.skipped = sorted({tuple(item) for part in gather_objects(image_set.skipped) for item in part})
+    if output is None:
+        return {}
+    assert output.tmp is not None
+    return write_report(results, ctx, output.tmp)

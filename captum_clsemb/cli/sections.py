@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from captum_clsemb.cli.report import ReportContext, SectionResult
+from captum_clsemb.stream import gather_objects, world
 
 
 def jsonable(value: object) -> object:
@@ -21,9 +22,9 @@ def jsonable(value: object) -> object:
     return value
 
 
-def labelled_batches(ctx: ReportContext) -> Iterator[tuple[Tensor, Tensor]]:
-    """(images, targets) with the predicted class where a label is unknown."""
-    for x, labels, _ in ctx.batches("mechanisms"):
+def labelled_batches(ctx: ReportContext, shard: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images, targets) with the predicted class where a label is unknown; ``shard=False``: all images."""
+    for x, labels, _, _ in ctx.batches("mechanisms", shard=shard):
         x, labels = x.to(ctx.device), labels.to(ctx.device)
         if (labels < 0).any():
             with torch.no_grad():
@@ -48,6 +49,8 @@ def explanations_section(ctx: ReportContext) -> SectionResult:
         return SectionResult(
             "Explanations", text="Skipped: needs a class-token model and at least one image."
         )
+    if world()[0] != 0:  # the sample images are the same on every rank; rank 0 writes the report
+        return SectionResult("Explanations")
     x, t = ctx.sample_images.to(ctx.device), ctx.sample_labels.to(ctx.device)
     mean, std = _norm_stats(ctx.loaded)
     ceg = ClassEmbeddingGradient(ctx.adapter)
@@ -78,9 +81,29 @@ def explanations_section(ctx: ReportContext) -> SectionResult:
         "ClassEmbeddingGradient: negated gradient of the cross-entropy of the class token's block-b state (through "
         "final norm and head) w.r.t. the class token's attention to each image token, per block and head; the "
         "global map sums blocks and heads. Baselines: Chefer et al. relevancy (CVPR'21) and gradient rollout "
-        "(ICCV'21), attention rollout and raw attention. Targets: the ground-truth labels."
+        f"(ICCV'21), attention rollout and raw attention. Targets: {_sample_targets(ctx, n)}."
     )
     return SectionResult("Explanations", {"images": [str(p) for p in ctx.sample_paths[:n]]}, figures, text)
+
+
+def _sample_targets(ctx: ReportContext, n: int) -> str:
+    assert ctx.sample_labelled is not None
+    from captum_clsemb.cli.report import targets_description
+
+    return targets_description(int(ctx.sample_labelled[:n].sum()), n)
+
+
+def _run_tasks(tasks: dict[str, Callable[[], object]]) -> dict[str, object]:
+    """Run independent tasks, split round-robin over the ``torch.distributed`` ranks; every rank gets all results.
+
+    Each task sees all images, so its result equals the single-process one exactly.
+    """
+    rank, size = world()
+    mine = {name: fn() for i, (name, fn) in enumerate(tasks.items()) if i % size == rank}
+    results: dict[str, object] = {}
+    for part in gather_objects(mine):
+        results.update(part)
+    return {name: results[name] for name in tasks}
 
 
 def mechanisms_section(ctx: ReportContext) -> SectionResult:
@@ -103,13 +126,21 @@ def mechanisms_section(ctx: ReportContext) -> SectionResult:
     layers = ("attn", "mlp")
     cva = {layer: vvp.class_value_agreement(layer) for layer in layers}
     cva_rnd = {layer: rnd.class_value_agreement(layer) for layer in layers}
-    kva = {layer: vvp.key_value_agreement_rate(labelled_batches(ctx), layer=layer, k=5) for layer in layers}
-    change = class_similarity_change_rate(ctx.adapter, labelled_batches(ctx))
-    match = residual_match_rate(ctx.adapter, labelled_batches(ctx))
-    edits = {
-        e: attention_edit_effect(ctx.adapter, labelled_batches(ctx), attention_edit=e)
-        for e in ("self_only", "no_cls")
-    }
+    # the rates are ratios of counts inside the analysis functions: instead of sharding images, each
+    # rank runs whole passes over all images (round-robin), so the numbers equal a single-process run
+    edit_names = ("self_only", "no_cls")
+    tasks: dict[str, Callable[[], object]] = {
+        **{f"kva/{layer}": (lambda layer=layer: vvp.key_value_agreement_rate(
+            labelled_batches(ctx, shard=False), layer=layer, k=5)) for layer in layers},
+        "change": lambda: class_similarity_change_rate(ctx.adapter, labelled_batches(ctx, shard=False)),
+        "match": lambda: residual_match_rate(ctx.adapter, labelled_batches(ctx, shard=False)),
+        **{f"edit/{e}": (lambda e=e: attention_edit_effect(
+            ctx.adapter, labelled_batches(ctx, shard=False), attention_edit=e)) for e in edit_names},
+    }  # fmt: skip
+    done = _run_tasks(tasks)
+    kva = {layer: done[f"kva/{layer}"] for layer in layers}
+    change, match = done["change"], done["match"]
+    edits = {e: done[f"edit/{e}"] for e in edit_names}
     numbers = {
         "class_value_agreement_mean_per_block": {k: v.mean(1) for k, v in cva.items()},
         "class_value_agreement_random_init_mean_per_block": {k: v.mean(1) for k, v in cva_rnd.items()},
@@ -133,7 +164,7 @@ def mechanisms_section(ctx: ReportContext) -> SectionResult:
         f"self_only attention (image tokens attend only to themselves) changes the last-block identifiability rate "
         f"from {float(so['clean']):.2f}% to {float(so['edited']):.2f}%. Class-value agreement is compared with a "
         "randomly initialised copy; key-value agreement uses the 5 most activated keys and the top-5 classes of "
-        "their value vectors (the paper's definition)."
+        f"their value vectors (the paper's definition). Targets: {ctx.targets}."
     )
     return SectionResult("Mechanisms: value vectors and key-value memories", jsonable(numbers), figures, text)
 
@@ -142,22 +173,24 @@ def comparison_section(ctx: ReportContext, num_images: int = 40) -> SectionResul
     """Token-removal perturbation AUC of ClassEmbeddingGradient against the baselines (paper Sec. 7-8)."""
     from captum_clsemb.metrics import compare_explanations, default_methods, plot_curves, to_markdown
 
+    title = "Perturbation comparison (token removal AUC)"
+    # every rank reads all images (in file order), so the seeded split is the single-process one
     xs, ys = [], []
-    for x, y in labelled_batches(ctx):
+    for x, y in labelled_batches(ctx, shard=False):
         xs.append(x)
         ys.append(y)
+    if sum(x.shape[0] for x in xs) < 2:
+        return SectionResult(title, text="Skipped: needs at least two images.")
     x, y = torch.cat(xs), torch.cat(ys)
-    if x.shape[0] < 2:
-        return SectionResult("Perturbation comparison", text="Skipped: needs at least two images.")
     # probes are fitted on images other than the evaluated ones
     n_eval = min(num_images, x.shape[0] // 2)
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
     ev, pr = order[:n_eval], order[n_eval:]
     methods = default_methods(ctx.adapter, probe_data=(x[pr], y[pr]))
-    res = compare_explanations(ctx.adapter, x[ev], y[ev], methods=methods, batch_size=ctx.batch_size)
+    res = _compare_sharded(ctx, compare_explanations, methods, x[ev], y[ev])
     table = to_markdown(res)
     return SectionResult(
-        "Perturbation comparison (token removal AUC)",
+        title,
         {
             "num_images": n_eval,
             "clean_accuracy": res.clean_score,
@@ -171,9 +204,42 @@ def comparison_section(ctx: ReportContext, num_images: int = 40) -> SectionResul
             "seconds_per_method": res.seconds,
             "table_markdown": table,
         },
-        {"perturbation_curves": plot_curves(res)},
+        {"perturbation_curves": plot_curves(res)} if world()[0] == 0 else {},
         f"Token-removal test on {n_eval} images (probes fitted on the other {len(pr)}): tokens dropped after the "
         "position embedding from least (negative, higher is better) or most (positive, lower is better) "
-        "important; AUC = trapezoid over removal fractions 0-0.9 x 100 (Chefer et al.'s convention).\n"
-        + table,
+        "important; AUC = trapezoid over removal fractions 0-0.9 x 100 (Chefer et al.'s convention). "
+        f"Targets: {ctx.targets}.\n" + table,
+    )
+
+
+def _compare_sharded(ctx: ReportContext, compare: Callable, methods: dict, x: Tensor, y: Tensor):
+    """``compare_explanations`` on a contiguous share of the images per rank, combined in image order."""
+    from captum_clsemb.metrics.compare import ComparisonResults
+
+    rank, size = world()
+    bounds = [len(c) for c in torch.arange(x.shape[0]).tensor_split(size)]
+    start = sum(bounds[:rank])
+    stop = start + bounds[rank]
+    if "Random" in methods:  # the n-th evaluated image gets the random order of example n
+        methods["Random"].offset = start
+    part = None
+    if stop > start:
+        part = compare(ctx.adapter, x[start:stop], y[start:stop], methods=methods, batch_size=ctx.batch_size)
+    parts = [p for p in gather_objects(part) if p is not None]
+    if len(parts) == 1:
+        return parts[0]
+    first, count = parts[0], sum(p.num_images for p in parts)
+    return ComparisonResults(
+        methods=first.methods,
+        fractions=first.fractions,
+        curves={
+            m: {mode: torch.cat([p.curves[m][mode] for p in parts]) for mode in first.curves[m]}
+            for m in first.methods
+        },  # fmt: skip
+        clean_score=sum(p.clean_score * p.num_images for p in parts) / count,
+        seconds={m: sum(p.seconds[m] for p in parts) for m in first.methods},
+        num_images=count,
+        score=first.score,
+        protocol=first.protocol,
+        explain_target=first.explain_target,
     )

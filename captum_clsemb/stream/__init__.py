@@ -5,7 +5,13 @@ from captum_clsemb.stream.identifiability import (
     dataset_identifiability,
     score_batch,
 )
-from captum_clsemb.stream.reduce import ShardSampler, StreamingSums, world
+from captum_clsemb.stream.reduce import (
+    ShardSampler,
+    StreamingSums,
+    broadcast_object,
+    gather_objects,
+    world,
+)
 
 __all__ = [
     "IdentifiabilityAccumulator",
@@ -14,4 +20,6 @@ __all__ = [
     "ShardSampler",
     "StreamingSums",
     "world",
+    "gather_objects",
+    "broadcast_object",
 ]

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from captum_clsemb.adapters import ModelAdapter, adapt
 from captum_clsemb.attr.blockwise_identifiability import identifiability_scores
+from captum_clsemb.errors import InputValidationError
 from captum_clsemb.stream.reduce import StreamingSums
 from captum_clsemb.trace import trace
 
@@ -26,6 +27,18 @@ class IdentifiabilityAccumulator:
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
         self.sums = StreamingSums()
+        # every quantity starts at zero, so that a rank whose shard has no usable image still
+        # reduces the same quantities as the others
+        blocks = torch.zeros(adapter.num_blocks, dtype=torch.float64)
+        for name in ("images", "labelled", "correct", "any_last"):
+            self.sums.add(name, 0)
+        for name in ("image_mean", "rate") + (("cls_mean",) if adapter.has_class_token else ()):
+            self.sums.add(name, blocks)
+
+    @property
+    def num_images(self) -> int:
+        """Images accumulated so far (by all ranks after :meth:`all_reduce`)."""
+        return int(self.sums["images"])
 
     @torch.no_grad()
     def update(self, scores: Tensor, pred: Tensor, labels: Tensor) -> None:
@@ -50,6 +63,8 @@ class IdentifiabilityAccumulator:
 
     def result(self) -> dict:
         s, n = self.sums, float(self.sums["images"])
+        if n == 0:
+            raise InputValidationError("no images were accumulated: every batch was empty")
         labelled = float(s["labelled"])
         curves = {}
         if "cls_mean" in s:

@@ -76,3 +76,89 @@ def test_two_processes_reduce_to_the_single_process_numbers(tmp_path: Path) -> N
     assert distributed["identifiability_rate_per_block_percent"] == pytest.approx(
         single["identifiability_rate_per_block_percent"], abs=1e-12
     )
+
+
+def _assert_same_numbers(a: object, b: object, path: str = "") -> None:
+    """Equal structure and values; floats within 1e-6; timings are left out."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (path, sorted(set(a) ^ set(b)))
+        for k in set(a) - {"seconds", "seconds_per_method", "table_markdown"}:
+            _assert_same_numbers(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_same_numbers(u, v, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-6), path
+    else:
+        assert a == b, path
+
+
+def test_two_process_report_equals_the_single_process_report(tmp_path: Path) -> None:
+    """Every section (identifiability, explanations, mechanisms, comparison) of a 2-process torchrun report."""
+    from captum_clsemb.cli.main import main
+
+    # 41 images: uneven shards; batches of 8 do not line up with the shards
+    args = ["report", "--max-images", "41", "--compare-images", "6", "--batch-size", "8", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "captum_clsemb", *args, "--distributed", "--out", str(tmp_path / "dist")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    dist = json.loads((tmp_path / "dist" / "report.json").read_text())
+    single = json.loads((tmp_path / "single" / "report.json").read_text())
+    assert set(single["sections"]) == {
+        "class_identifiability_across_blocks",
+        "explanations",
+        "mechanisms:_value_vectors_and_key-value_memories",
+        "perturbation_comparison_(token_removal_auc)",
+    }
+    assert single["sections"]["class_identifiability_across_blocks"]["num_images"] == 41
+    assert single["sections"]["perturbation_comparison_(token_removal_auc)"]["num_images"] == 6
+    _assert_same_numbers(dist, single)
+    # the per-image figures show the same images
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == names
+
+
+def _torchrun_report(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "captum_clsemb", "report", "--distributed", "--no-progress", *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_rank_without_images_still_reduces(tmp_path: Path) -> None:
+    # one image for two processes: rank 1's shard is empty (before: "ranks accumulated different quantities")
+    proc = _torchrun_report(
+        "--max-images", "1", "--sections", "identifiability", "--out", str(tmp_path / "o")
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ident = json.loads((tmp_path / "o" / "report.json").read_text())["sections"][
+        "class_identifiability_across_blocks"
+    ]
+    assert ident["num_images"] == 1 and len(ident["token_map_images"]) == 1
+
+
+def test_every_rank_stops_when_rank_0_cannot_write(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.json").write_text("mine\n")
+    proc = _torchrun_report("--max-images", "4", "--sections", "identifiability", "--out", str(out))
+    assert proc.returncode != 0
+    assert "clsemb: error: --out" in proc.stderr and "--overwrite" in proc.stderr
+    assert (out / "report.json").read_text() == "mine\n"
+
+
+def test_empty_accumulator_reports_no_images_instead_of_key_error() -> None:
+    from captum_clsemb.adapters import adapt
+    from captum_clsemb.errors import InputValidationError
+    from captum_clsemb.stream import IdentifiabilityAccumulator
+
+    with pytest.raises(InputValidationError, match="no images"):  # before: KeyError: 'images'
+        dataset_identifiability(small_timm(), [])
+    acc = IdentifiabilityAccumulator(adapt(small_timm()))
+    assert acc.num_images == 0
+    with pytest.raises(InputValidationError, match="no images"):
+        acc.result()
