@@ -32,8 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report", help="HTML/PNG/JSON report of identifiability (and more) for a model and images"
     )
-    rep.add_argument("--model", default="demo",
-                     help="'demo' (bundled CIFAR-10 ViT), 'timm:<name>' or a local Hugging Face model folder")  # fmt: skip
+    rep.add_argument("--model", action="append",
+                     help="'demo' (bundled CIFAR-10 ViT, the default), 'timm:<name>' or a local Hugging Face model "
+                          "folder; repeat it to compare several models (Fig. 2 over normalised depth, Table 1); the "
+                          "other sections analyse the first")  # fmt: skip
+    rep.add_argument("--masks", help="folder of segmentation masks (ImageNet-S style PNG, class id = R + 256 G, or "
+                                     "single-channel PNG), matched to the images by file stem: adds the class- "
+                                     "versus context-token section (paper Fig. 3a)")  # fmt: skip
     rep.add_argument("--checkpoint", help="weights for a timm model (.pth/.pt/.safetensors)")
     rep.add_argument("--images", help=IMAGES_HELP)
     rep.add_argument("--labels", help=LABELS_HELP)
@@ -132,13 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device, batch_size=args.batch_size, max_images=args.max_images,
                 progress=not args.no_progress, num_workers=args.num_workers,
                 section_names=[n.strip() for n in args.sections.split(",") if n.strip()],
-                compare_images=args.compare_images, overwrite=args.overwrite,
+                compare_images=args.compare_images, overwrite=args.overwrite, masks=args.masks,
             )  # fmt: skip
             if not data:  # a non-zero rank of a distributed run
                 return 0
             ident = data["sections"].get("class_identifiability_across_blocks", {})
             acc = ident.get("top1_accuracy")
-            print(f"report written to {args.out}/report.html (figures *.png, numbers report.json)")
+            print(f"report written to {args.out}/report.html (figures *.png and *.svg, numbers report.json)")
             if acc is not None:
                 print(f"top-1 accuracy {acc * 100:.2f}%, last-block identifiability rate "
                       f"{ident['identifiability_rate_last_block_percent']:.2f}%")  # fmt: skip
