@@ -22,15 +22,19 @@ from captum_clsemb.cli.loading import CLIError
 from captum_clsemb.cli.report import ReportContext, SectionResult, _norm_stats, targets_description
 from captum_clsemb.cli.report_format import (
     ALPHA,
+    MIN_SAMPLES,
     STATS_SETTINGS,
     Claim,
     ReportTable,
     block_list,
+    block_p,
     interval,
     number,
-    p_value,
+    p_cell,
+    run_test,
     significant_blocks,
     test_summary,
+    undefined_test,
 )
 from captum_clsemb.errors import InputValidationError, UnsupportedModelError
 from captum_clsemb.stats import bootstrap_ci, wilcoxon_signed_rank
@@ -157,8 +161,11 @@ def model_pass(ctx: ReportContext, keep_samples: bool) -> ModelPass:
 
 def _chance_test(rate: np.ndarray, chance: float) -> dict:
     """One-sample Wilcoxon signed-rank test per block: per-image identifiability rate > chance."""
-    res = wilcoxon_signed_rank(rate - chance, alternative="greater")
-    out = res.to_dict()
+    out = run_test(
+        "wilcoxon_signed_rank",
+        rate.shape[0],
+        lambda: wilcoxon_signed_rank(rate - chance, alternative="greater"),
+    )
     out["quantity"] = "identifiability rate of the image tokens (% per image) minus chance 100/|C|"
     out["chance_percent"] = chance
     return out
@@ -205,12 +212,18 @@ def _model_numbers(mp: ModelPass, cmp: ModelComparison) -> dict:
     if rnd is not None:
         data["random_init"] = summary(rnd)
         for g, key in GROUP_KEYS.items():
+            if g == "cls" and rec.cls_score is None:
+                continue
             res = cmp.block_tests.get(mp.ctx.name, {}).get(g)
-            if res is not None:
-                tests[f"trained_vs_random_init_{key}"] = res.to_dict()
-        res = wilcoxon_signed_rank(
-            rec.any_identifiable.astype(float), rnd.any_identifiable.astype(float), alternative="greater"
-        ).to_dict()
+            tests[f"trained_vs_random_init_{key}"] = (
+                res.to_dict()
+                if res is not None
+                else undefined_test(
+                    "wilcoxon_signed_rank", f"undefined: needs at least {MIN_SAMPLES} images", rec.num_images
+                )
+            )
+        res = run_test("wilcoxon_signed_rank", rec.num_images, lambda: wilcoxon_signed_rank(
+            rec.any_identifiable.astype(float), rnd.any_identifiable.astype(float), alternative="greater"))  # fmt: skip
         res["quantity"] = (
             "image has a last-block image token with r = 1 (0/1 per image), trained minus random init"
         )
@@ -236,7 +249,9 @@ def identifiability_section(ctx: ReportContext) -> SectionResult:
         ctx.sample_labelled = torch.tensor([c[3] for c in chosen])
         ctx.sample_paths = [c[4] for c in chosen]
     records = {mp.ctx.name: mp.record for mp in passes}
-    baselines = {mp.ctx.name: mp.baseline for mp in passes if mp.baseline is not None}
+    # the paired tests need two images; with fewer, the random-init numbers are summarised without them
+    testable = all(mp.record.num_images >= MIN_SAMPLES for mp in passes)
+    baselines = {mp.ctx.name: mp.baseline for mp in passes if mp.baseline is not None and testable}
     cmp = compare_models(records, baselines, **STATS_SETTINGS)
     models = [_model_numbers(mp, cmp) for mp in passes]
 
@@ -292,7 +307,7 @@ def identifiability_section(ctx: ReportContext) -> SectionResult:
             resample_depth(mp.record.image_rate, cmp.num_points) - 100.0 / mp.record.num_classes,
             alternative="greater")}
         for mp in passes
-    }  # fmt: skip
+    } if testable else None  # fmt: skip
     who = (
         f"{ctx.name} and its random-init copy"
         if single
@@ -407,11 +422,11 @@ def _tables(passes: list[ModelPass], models: list[dict]) -> list[ReportTable]:
             rmean = rnd.get("mean_identifiability_per_block", {})
             row = [str(b + 1), interval(mean["image_tokens"], "score", b),
                    interval(rmean.get("image_tokens"), "score", b) if rmean else "n/a",
-                   _p_cell(tr_img, b)]  # fmt: skip
+                   p_cell(tr_img, b)]  # fmt: skip
             if "class_token" in mean:
                 row += [interval(mean["class_token"], "score", b),
-                        interval(rmean.get("class_token"), "score", b) if rmean else "n/a", _p_cell(tr_cls, b)]  # fmt: skip
-            row += [interval(m["identifiability_rate_per_block_percent"], "percent", b), _p_cell(chance, b)]
+                        interval(rmean.get("class_token"), "score", b) if rmean else "n/a", p_cell(tr_cls, b)]  # fmt: skip
+            row += [interval(m["identifiability_rate_per_block_percent"], "percent", b), p_cell(chance, b)]
             rows.append(row)
         cols = ["block", "mean r, image tokens", "random init", "p trained > random"]
         if "class_token" in m["mean_identifiability_per_block"]:
@@ -430,14 +445,6 @@ def _tables(passes: list[ModelPass], models: list[dict]) -> list[ReportTable]:
     return tables
 
 
-def _p_cell(test: dict | None, b: int) -> str:
-    if not test:
-        return "n/a"
-    p = (test.get("p_value_adjusted") or test.get("p_value"))[b]
-    star = "*" if p is not None and p <= ALPHA else ""
-    return f"{p_value(p)}{star}"
-
-
 def _claims(passes: list[ModelPass], models: list[dict]) -> list[Claim]:
     out = []
     anchor = "class_identifiability_across_blocks"
@@ -454,7 +461,7 @@ def _claims(passes: list[ModelPass], models: list[dict]) -> list[Claim]:
                 "60.73% vs 0.066%).",
                 f"last block: mean r {interval(m['mean_identifiability_per_block']['image_tokens'], 'score', nb - 1)} "
                 f"vs {interval(rnd, 'score', nb - 1)} random init",
-                tr, nb in sig, f"significant at {block_list(sig, nb)} ({test_summary(tr, nb - 1)} at the last block)",
+                tr, None if block_p(tr, nb - 1) is None else nb in sig, f"significant at {block_list(sig, nb)} ({test_summary(tr, nb - 1)} at the last block)",
                 anchor, name,
             ))  # fmt: skip
         ch = t["identifiability_rate_vs_chance"]
@@ -463,12 +470,12 @@ def _claims(passes: list[ModelPass], models: list[dict]) -> list[Claim]:
             "identifiability_above_chance", "The last-block identifiability rate is higher than chance (1/|C|).",
             "Table 1: 52.09-90.35% for seven ViTs, chance 0.1% (1000 classes); 'significantly higher than chance'.",
             f"{interval(m['identifiability_rate_last_block_percent'])} vs chance {number(m['chance_identifiability_rate_percent'])}",
-            ch, nb in sig, f"{test_summary(ch, nb - 1)} at the last block; significant at {block_list(sig, nb)}",
+            ch, None if block_p(ch, nb - 1) is None else nb in sig, f"{test_summary(ch, nb - 1)} at the last block; significant at {block_list(sig, nb)}",
             anchor, name,
         ))  # fmt: skip
         anyt = t.get("images_with_identifiable_token_vs_random_init")
         if anyt is not None:
-            holds = anyt["p_value"] is not None and anyt["p_value"] < ALPHA
+            holds = None if anyt["p_value"] is None else anyt["p_value"] < ALPHA
             out.append(Claim(
                 "images_with_identifiable_token_above_random_init",
                 "More images hold a last-block image token that identifies the class than in the random-init model.",

@@ -25,7 +25,7 @@ from captum_clsemb.cli.report_format import (
     block_list,
     interval,
     number,
-    p_value,
+    p_cell,
     significant_blocks,
     test_summary,
 )
@@ -123,8 +123,8 @@ def class_context_section(ctx: ReportContext) -> SectionResult:
     def run(unit: str) -> object:
         try:
             return class_context_comparison(ctx.adapter, _batches(ctx), unit=unit, **kw)
-        except InputValidationError as e:
-            return str(e)
+        except (InputValidationError, ValueError) as e:  # e.g. no image with tokens of both kinds
+            return str(e).splitlines()[0]
 
     rank, size = world()
     mine = len([i for i in range(2) if i % size == rank])
@@ -149,13 +149,9 @@ def class_context_section(ctx: ReportContext) -> SectionResult:
     img = numbers["test_images_paired"]
     rows = []
     for b in range(nb):
-        p_img = (img.get("p_value_adjusted") or [None] * nb)[b] if "test" in img else None
-        p_tok = tok["p_value_adjusted"][b]
         rows.append([
             str(b + 1), interval(pooled.ci["class"], "score", b), interval(pooled.ci["context"], "score", b),
-            f"{pooled.difference[b]:+.3f}",
-            (p_value(p_img) + ("*" if p_img is not None and p_img <= ALPHA else "")) if p_img is not None else "n/a",
-            p_value(p_tok) + ("*" if p_tok <= ALPHA else ""),
+            f"{pooled.difference[b]:+.3f}", p_cell(img, b), p_cell(tok, b),
         ])  # fmt: skip
     res = SectionResult(title, jsonable(numbers), key=key)
     res.paragraphs = [

@@ -212,3 +212,34 @@ class SectionParts:
     tables: list[ReportTable] = field(default_factory=list)
     figures: list[ReportFigure] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
+
+
+#: the fewest images (pairs, units) a test is run on; with fewer the test object says why it is undefined
+MIN_SAMPLES = 2
+
+
+def run_test(test: str, n: int, compute: Any) -> dict:
+    """``compute().to_dict()``, or an undefined test object when there are fewer than two samples."""
+    if n < MIN_SAMPLES:
+        return undefined_test(test, f"undefined: needs at least {MIN_SAMPLES} images, got {n}", n)
+    return compute().to_dict()
+
+
+def block_p(test: dict | None, index: int | None = None) -> float | None:
+    """The (BH-adjusted, when present) p-value of a test object, of one block for per-block tests."""
+    if not test:
+        return None
+    p = test.get("p_value_adjusted")
+    if p is None:
+        p = test.get("p_value")
+    if isinstance(p, list):
+        return None if index is None else p[index]
+    return p
+
+
+def p_cell(test: dict | None, index: int | None = None) -> str:
+    """A table cell: the p-value, with a star when significant; ``n/a`` for an undefined test."""
+    p = block_p(test, index)
+    if p is None:
+        return "n/a"
+    return p_value(p) + ("*" if p <= ALPHA else "")

@@ -17,13 +17,16 @@ from torch import Tensor
 from captum_clsemb.cli.report import ReportContext, SectionResult, _norm_stats, targets_description
 from captum_clsemb.cli.report_format import (
     ALPHA,
+    MIN_SAMPLES,
     STATS_SETTINGS,
     Claim,
     ReportTable,
     block_list,
+    block_p,
     interval,
     number,
-    p_value,
+    p_cell,
+    run_test,
     significant_blocks,
     test_summary,
     undefined_test,
@@ -376,7 +379,12 @@ def mechanisms_section(ctx: ReportContext) -> SectionResult:
     change_tests = {}
     for layer in LAYERS:
         for g in change_rates[layer]:
-            t = wilcoxon_signed_rank(change[f"{layer}/{g}"] - 50.0, alternative="greater").to_dict()
+            v = change[f"{layer}/{g}"]
+            t = run_test(
+                "wilcoxon_signed_rank",
+                len(v),
+                lambda v=v: wilcoxon_signed_rank(v - 50.0, alternative="greater"),
+            )
             t["quantity"] = f"class similarity change rate of {g} tokens (% per image) minus 50%"
             change_tests[f"{layer}_{g}_above_chance"] = t
 
@@ -394,7 +402,8 @@ def mechanisms_section(ctx: ReportContext) -> SectionResult:
     for e in edit_names:
         d = done[f"edit/{e}"]
         alt = "greater" if e == "self_only" else "two-sided"
-        t = wilcoxon_signed_rank(d["clean"], d["edited"], alternative=alt).to_dict()
+        t = run_test("wilcoxon_signed_rank", len(d["clean"]),
+                     lambda d=d, alt=alt: wilcoxon_signed_rank(d["clean"], d["edited"], alternative=alt))  # fmt: skip
         t["quantity"] = "identifiability rate of image tokens (% per image), unedited minus edited"
         edits[e] = {
             "rate_percent_ci": _ci(d["edited"]),
@@ -504,9 +513,8 @@ def _mechanism_tables(numbers: dict, nb: int, edit_names: tuple[str, ...]) -> li
         for layer in LAYERS:
             c = cva[layer]
             t = c["test_trained_vs_random_init"]
-            p = t["p_value_adjusted"][b]
             row += [interval(c["mean_per_block"], "score", b), interval(c["random_init_mean_per_block"], "score", b),
-                    p_value(p) + ("*" if p is not None and p <= ALPHA else "")]  # fmt: skip
+                    p_cell(t, b)]  # fmt: skip
         rows.append(row)
     tables.append(
         ReportTable(
@@ -525,12 +533,10 @@ def _mechanism_tables(numbers: dict, nb: int, edit_names: tuple[str, ...]) -> li
         for layer in LAYERS:
             d = kva[layer]
             t = d["tests_correct_vs_misclassified"]["all"]
-            p = t.get("p_value_adjusted") or t.get("p_value")
-            p = p[b] if isinstance(p, list) else p
             row += [interval(d["rate_percent_ci"]["all"], "percent", b),
                     interval(d["chance_rate_percent_ci"]["all"], "percent", b),
                     number(d["rate_correct_percent"]["all"][b]), number(d["rate_misclassified_percent"]["all"][b]),
-                    p_value(p) + ("*" if p is not None and p <= ALPHA else "")]  # fmt: skip
+                    p_cell(t, b)]  # fmt: skip
         rows.append(row)
     d0 = kva["attn"]
     tables.append(
@@ -624,11 +630,11 @@ def _mechanism_claims(numbers: dict, nb: int, edit_names: tuple[str, ...]) -> li
     kva = numbers["key_value_agreement"]["mlp"]
     t = kva["tests_correct_vs_misclassified"]["all"]
     pen = max(1, nb - 1)
-    if t.get("p_value") is None:
-        holds, verdict = None, f"Mann-Whitney U: {t['note']}"
+    p = block_p(t, pen - 1)
+    if p is None:
+        holds, verdict = None, f"Mann-Whitney U: {t.get('note', 'undefined')}"
     else:
-        p = (t.get("p_value_adjusted") or t["p_value"])[pen - 1]
-        holds, verdict = p is not None and p <= ALPHA, f"{test_summary(t, pen - 1)} at block {pen}"
+        holds, verdict = p <= ALPHA, f"{test_summary(t, pen - 1)} at block {pen}"
     out.append(Claim(
         "key_value_agreement_correct_above_misclassified",
         "In the penultimate MLP block, correctly classified images have higher key-value agreement than "
@@ -650,30 +656,30 @@ def _mechanism_claims(numbers: dict, nb: int, edit_names: tuple[str, ...]) -> li
             "(Fig. 3b).",
             "Attention above chance (50%) during at least some processing stages, more so for the class token.",
             f"highest block rate {number(max(numbers['class_similarity_change_rate_percent']['attn']['image']))}",
-            t, bool(sig), f"image tokens significant at {block_list(sig, nb)}; class token at {block_list(cls_sig, nb)}",
+            t, None if block_p(t, 0) is None else bool(sig), f"image tokens significant at {block_list(sig, nb)}; class token at {block_list(cls_sig, nb)}",
             "mechanisms",
         ))  # fmt: skip
     edits = numbers["attention_edits"]
     d = edits["self_only"]
     t = d["test_unedited_vs_edited"]
-    p = (t.get("p_value_adjusted") or t["p_value"])[nb - 1]
+    p = block_p(t, nb - 1)
     out.append(Claim(
         "self_only_attention_erases_identifiability",
         "Image tokens that attend only to themselves lose their class identifiability (Sec. 5).",
         "Last-block identifiability rate 60.73% -> 0.12%.",
         f"{interval(d['unedited_rate_percent_ci'], 'percent', nb - 1)} -> {interval(d['rate_percent_ci'], 'percent', nb - 1)}",
-        t, p is not None and p <= ALPHA, f"{test_summary(t, nb - 1)} at the last block", "mechanisms",
+        t, None if p is None else p <= ALPHA, f"{test_summary(t, nb - 1)} at the last block", "mechanisms",
     ))  # fmt: skip
     if "no_cls" in edits:
         d = edits["no_cls"]
         t = d["test_unedited_vs_edited"]
-        p = (t.get("p_value_adjusted") or t["p_value"])[nb - 1]
+        p = block_p(t, nb - 1)
         out.append(Claim(
             "no_cls_attention_keeps_identifiability",
             "Removing the image tokens' attention to the class token leaves their identifiability unchanged (Sec. 5).",
             "Last-block identifiability rate 60.73% -> 60.71%.",
             f"{interval(d['unedited_rate_percent_ci'], 'percent', nb - 1)} -> {interval(d['rate_percent_ci'], 'percent', nb - 1)}",
-            t, not (p is not None and p <= ALPHA),
+            t, None if p is None else p > ALPHA,
             f"{test_summary(t, nb - 1)} at the last block (two-sided; holds when no significant change)",
             "mechanisms",
         ))  # fmt: skip
@@ -765,7 +771,7 @@ def comparison_section(ctx: ReportContext, num_images: int = 40) -> SectionResul
         m: {mode: _ci(res.curves[m][mode].double()) for mode in ("negative", "positive")} for m in res.methods
     }
     tests = {}
-    if "ClassEmbeddingGradient" in aucs:
+    if "ClassEmbeddingGradient" in aucs and n_eval >= MIN_SAMPLES:
         tests = {
             mode: {b: t.to_dict() for b, t in per.items()}
             for mode, per in perturbation_auc_tests(aucs, "ClassEmbeddingGradient").items()
@@ -888,7 +894,7 @@ def _comparison_claims(tests: dict, auc_ci: dict) -> list[Claim]:
                 f"({sec}).",
                 f"Significantly better; {found}.",
                 f"{interval(auc_ci['ClassEmbeddingGradient'][mode], 'auc')} vs {interval(auc_ci[base][mode], 'auc')}",
-                t, t["p_value"] is not None and t["p_value"] < ALPHA, test_summary(t), "perturbation_comparison",
+                t, None if t["p_value"] is None else t["p_value"] < ALPHA, test_summary(t), "perturbation_comparison",
             ))  # fmt: skip
     return out
 

@@ -11,8 +11,11 @@ from matplotlib.ticker import MaxNLocator
 
 
 def _np(values: object) -> np.ndarray:
+    """A float array; None entries (undefined numbers from JSON-ready dicts) become NaN."""
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()  # type: ignore[union-attr]
+    if values is None:
+        return np.asarray(np.nan)
     return np.asarray(values, dtype=float)
 
 

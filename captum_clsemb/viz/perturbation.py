@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from captum_clsemb.metrics.auc import MODES
@@ -40,7 +41,9 @@ def plot_perturbation_curves(
             color = f"C{i % 10}"
             entry = (aucs or {}).get(m, {}).get(mode)
             if entry is not None:
-                label = f"{m} ({float(entry.estimate):.1f} [{float(entry.low):.1f}, {float(entry.high):.1f}])"
+                low, high = (_np(v).item() for v in (entry.low, entry.high))
+                bounds = f" [{low:.1f}, {high:.1f}]" if np.isfinite([low, high]).all() else ""
+                label = f"{m} ({_np(entry.estimate).item():.1f}{bounds})"
             else:
                 label = f"{m} ({results.auc(m, mode):.1f})"
             ax.plot(x, _np(results.mean_curve(m, mode)), marker="o", ms=3, color=color, label=label)
