@@ -167,8 +167,10 @@ def test_labels_csv_and_max_images(image_dir: Path, tmp_path: Path) -> None:
         (["--model", "resnet"], "unknown model 'resnet'"),
         (["--sections", "identifiability,bogus"], "unknown report section"),
         (["--model", "timm:vit_tiny_patch16_224", "--checkpoint", "CKPT"], "does not fit timm model"),
-        (["--model", "demo", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", "x.pt"],
-         "--checkpoint applies to a single --model"),
+        (
+            ["--model", "demo", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", "x.pt"],
+            "--checkpoint applies to a single --model",
+        ),
         (["--model", "demo", "--model", "demo"], "--model demo is given twice"),
         (["--masks", "/nonexistent/masks"], "--masks /nonexistent/masks: folder not found"),
     ],
