@@ -86,7 +86,10 @@ def _image_data_uri(
         pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
     buf = io.BytesIO()
     pil.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), [pil.height, pil.width]
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), [
+        pil.height,
+        pil.width,
+    ]
 
 
 def _rounded(values: Tensor, digits: int = 4) -> list:
@@ -99,9 +102,39 @@ def _target_rank_and_r(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return rank_of_target(logits, target[:, None]), identifiability_scores(logits, target[:, None])
 
 
-def _check_norm_stats(
-    name: str, values: Sequence[float] | None, channels: int
-) -> list[float] | None:
+def _explore_batch(adapter: ModelAdapter, x: Tensor, target: Tensor | None, k: int) -> tuple[Tensor, ...]:
+    """One traced forward: top-k classes and scores (n, B, T, k), target rank and r (n, B, T),
+    the prediction and its probability (n,)."""
+    tops: list[tuple[Tensor, Tensor]] = []  # per block: top-k indices and scores (n, T, k)
+    targeted: list[tuple[Tensor, Tensor]] = []  # per block: target rank and r (n, T)
+    pending: list[Tensor] = []  # block outputs, kept only while the target is unknown
+
+    def on_block(b: int, acts: dict[str, Tensor]) -> None:
+        logits = adapter.project(acts["resid_post"])  # (n, T, C)
+        top = logits.softmax(-1).topk(k, dim=-1)
+        tops.append((top.indices, top.values))
+        if target is None:  # the target is the prediction, known after the last block
+            pending.append(acts["resid_post"])
+        else:
+            targeted.append(_target_rank_and_r(logits, target))
+
+    tr = trace(adapter, x, record=["resid_post"], on_block=on_block, store=False)
+    probs = tr.logits.softmax(-1)
+    pred = probs.argmax(-1)
+    if target is None:
+        with torch.no_grad():
+            targeted = [_target_rank_and_r(adapter.project(s), pred) for s in pending]
+    return (
+        torch.stack([i for i, _ in tops], dim=1),
+        torch.stack([v for _, v in tops], dim=1),
+        torch.stack([r for r, _ in targeted], dim=1),
+        torch.stack([r for _, r in targeted], dim=1),
+        pred,
+        probs.gather(-1, pred[:, None])[:, 0],
+    )
+
+
+def _check_norm_stats(name: str, values: Sequence[float] | None, channels: int) -> list[float] | None:
     if values is None:
         return None
     out = [float(v) for v in torch.as_tensor(values, dtype=torch.float64).flatten()]
@@ -220,39 +253,11 @@ def explorer_data(
     mean = _check_norm_stats("mean", mean, x.shape[1])
     std = _check_norm_stats("std", std, x.shape[1])
 
-    top_idx, top_val, ranks, scores, preds, pred_scores = [], [], [], [], [], []
-    for start in range(0, n, batch_size):
-        xb = x[start : start + batch_size]
-        tb = None if tgt is None else tgt[start : start + batch_size]
-        tops: list[tuple[Tensor, Tensor]] = []  # per block: top-k indices and scores (n, T, k)
-        targeted: list[tuple[Tensor, Tensor]] = []  # per block: target rank and r (n, T)
-        pending: list[Tensor] = []  # block outputs kept only while the target is unknown
-
-        def on_block(b: int, acts: dict[str, Tensor], tb: Tensor | None = tb) -> None:
-            logits = adapter.project(acts["resid_post"])  # (n, T, C)
-            top = logits.softmax(-1).topk(k, dim=-1)
-            tops.append((top.indices, top.values))
-            if tb is None:  # the target is the prediction, known after the last block
-                pending.append(acts["resid_post"])
-            else:
-                targeted.append(_target_rank_and_r(logits, tb))
-
-        tr = trace(adapter, xb, record=["resid_post"], on_block=on_block, store=False)
-        probs = tr.logits.softmax(-1)
-        pred = probs.argmax(-1)
-        if tb is None:
-            with torch.no_grad():
-                targeted = [_target_rank_and_r(adapter.project(s), pred) for s in pending]
-            pending.clear()
-        top_idx.append(torch.stack([i for i, _ in tops], dim=1))  # (n, B, T, k)
-        top_val.append(torch.stack([v for _, v in tops], dim=1))
-        ranks.append(torch.stack([r for r, _ in targeted], dim=1))  # (n, B, T)
-        scores.append(torch.stack([s for _, s in targeted], dim=1))
-        preds.append(pred)
-        pred_scores.append(probs.gather(-1, pred[:, None])[:, 0])
-    top_idx_t, top_val_t = torch.cat(top_idx), torch.cat(top_val)
-    rank_t, score_t = torch.cat(ranks), torch.cat(scores)
-    pred_t, pred_score_t = torch.cat(preds), torch.cat(pred_scores)
+    parts = [
+        _explore_batch(adapter, x[s : s + batch_size], None if tgt is None else tgt[s : s + batch_size], k)
+        for s in range(0, n, batch_size)
+    ]
+    top_idx_t, top_val_t, rank_t, score_t, pred_t, pred_score_t = (torch.cat(p) for p in zip(*parts))
     targets_t = pred_t if tgt is None else tgt
 
     out_images = []

@@ -64,7 +64,8 @@ def check_against(data: dict, model: torch.nn.Module, x: torch.Tensor, target: t
 
 
 @pytest.mark.parametrize(
-    "name", ["cls_token", "gap_fc_norm", "registers", "registers_gap", "distilled", "no_embed_class", "hf_vit"]
+    "name",
+    ["cls_token", "gap_fc_norm", "registers", "registers_gap", "distilled", "no_embed_class", "hf_vit"],
 )
 def test_matches_hooked_lens_and_blockwise_identifiability(name: str) -> None:
     model = {**TIMM_VARIANTS, **HF_VARIANTS}[name]()
@@ -119,7 +120,9 @@ def test_all_classes_sum_to_one_and_json_round_trip() -> None:
         assert (np.diff(scores, axis=-1) <= 0).all()
         assert (np.sort(im["top_classes"], axis=-1) == np.arange(7)).all()
         # r = 1 exactly where the target is the top class
-        assert ((np.asarray(im["identifiability"]) == 1.0) == (np.asarray(im["top_classes"])[..., 0] == 2)).all()
+        assert (
+            (np.asarray(im["identifiability"]) == 1.0) == (np.asarray(im["top_classes"])[..., 0] == 2)
+        ).all()
     text = json.dumps(data)
     assert json.loads(text) == data
     # 4 decimals at most in every score (compact JSON)
@@ -202,7 +205,9 @@ def test_partial_embeds_data_safely_and_needs_no_network() -> None:
     # no URL of any kind outside the embedded images: nothing to fetch
     assert not re.search(r"https?:|//[a-z]", re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html))
     # one global name; every style rule scoped under the root class
-    assert re.findall(r"window\.(\w+)", html) and set(re.findall(r"window\.(\w+)", html)) == {"clsembExplorer"}
+    assert re.findall(r"window\.(\w+)", html) and set(re.findall(r"window\.(\w+)", html)) == {
+        "clsembExplorer"
+    }
     css = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
     selectors = [s.strip() for rule in re.findall(r"([^{}]+)\{", css) for s in rule.split(",")]
     assert selectors and all(s.startswith(".clsemb-explorer") for s in selectors)
