@@ -13,12 +13,14 @@ Usage::
             ...
             browser.assert_clean()            # no console errors, page errors or outside requests
 
+Chromium is ``/usr/bin/chromium`` (Debian package ``chromium``) or ``$CLSEMB_CHROMIUM``.
 Requests whose URL is not ``file:`` or ``data:`` (or ``about:``, ``blob:``) are aborted and listed in
 ``browser.blocked_requests``; the browser runs with a new empty profile and background networking off.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("CLSEMB_CHROMIUM", "/usr/bin/chromium"))  # the Debian package
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
