@@ -11,6 +11,7 @@ from captum_clsemb.adapters import adapt
 from captum_clsemb.cli.loading import (
     CLIError,
     ImageFileDataset,
+    ModelOptions,
     check_positive,
     collate,
     find_images,
@@ -51,6 +52,9 @@ def _load_tensors(
 def run_compare(
     model: str = "demo",
     checkpoint: str | None = None,
+    random_init: bool = False,
+    classes: str | None = None,
+    templates: str | None = None,
     images: str | None = None,
     labels: str | None = None,
     probe_images: str | None = None,
@@ -68,7 +72,8 @@ def run_compare(
     r"""Negative and positive perturbation AUC for every default method; writes results.md/.csv, curves.png, run.json.
 
     Linear probes are fitted on ``probe_images`` when given, else on a seeded half of the
-    images, which are then not evaluated.
+    images, which are then not evaluated. ``checkpoint``, ``random_init``, ``classes`` and
+    ``templates`` say how to load ``model`` (the ``clsemb`` model options).
     """
     from captum_clsemb.metrics import compare_explanations, default_methods, plot_curves, to_csv, to_markdown
 
@@ -83,7 +88,7 @@ def run_compare(
     if any(Path(d).resolve() == out.resolve() for d in (images, probe_images) if d):
         raise CLIError("--out must not be an image folder")
     with OutputDir(out, "compare", COMPARE_FILES, overwrite) as tmp:
-        loaded = load_model(model, checkpoint)
+        loaded = load_model(model, ModelOptions(checkpoint, random_init, classes, templates))
         try:
             loaded.model.to(dev)
         except (RuntimeError, AssertionError) as e:
