@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -113,7 +114,12 @@ def run_compare(
             x, y, xp, yp = x[ev], y[ev], x[pr], y[pr]
         if num_images is not None:
             x, y = x[:num_images], y[:num_images]
-        methods = default_methods(adapter, probe_data=(xp.to(dev), yp.to(dev)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            methods = default_methods(adapter, probe_data=(xp.to(dev), yp.to(dev)))
+        for w in caught:  # what was left out is in the results' notes (printed with the table)
+            if str(w.message) not in methods.notes:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         res = compare_explanations(adapter, x.to(dev), y.to(dev), methods=methods, batch_size=batch_size, score=score,
                                    explain_target=explain_target, protocol=protocol, progress=progress)  # fmt: skip
         md = to_markdown(res)
@@ -129,6 +135,7 @@ def run_compare(
                 m: {mode: res.auc(m, mode) for mode in ("negative", "positive")} for m in res.methods
             },
             "settings": {"score": score, "explain_target": explain_target, "protocol": protocol},
+            "notes": res.notes,
             "skipped_files": [{"file": f, "reason": r} for f, r in skipped],
         }
         write_json(tmp / "run.json", data)
