@@ -138,7 +138,7 @@ def load_model(
             ``("a photo of a {}.",)``), ensembled as in
             :meth:`~captum_clsemb.zero_shot.ZeroShotClassifier.from_prompts`.
         option_names: how error messages name the options ``checkpoint``, ``random_init``,
-            ``classes`` and ``templates`` (default :data:`API_OPTION_NAMES`, Python keyword
+            ``classes`` and ``templates`` (default ``API_OPTION_NAMES``, Python keyword
             arguments; the ``clsemb`` command passes its flags, e.g. ``"--random-init"``).
     Returns:
         :class:`LoadedModel` ``(model, transform, class_names, description)``.

@@ -89,36 +89,55 @@ def test_report_and_compare_share_the_model_options() -> None:
         assert model_options(defaults) == {"checkpoint": None, "random_init": False, "classes": None, "templates": None}  # fmt: skip
 
 
-def _documented_commands() -> list[tuple[str, str]]:
-    """(where, command) for every clsemb command in README.md and the docs' code blocks."""
+def _code_lines(path: Path) -> list[str]:
+    """The lines of the fenced (Markdown) or ``code-block`` (reST) blocks of a file."""
+    lines, out, i = path.read_text().splitlines(), [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            i += 1
+            while not lines[i].startswith("```"):
+                out.append(lines[i])
+                i += 1
+        elif line.strip().startswith(".. code-block::"):
+            i += 1
+            while i < len(lines) and (not lines[i].strip() or lines[i].startswith("   ")):
+                out.append(lines[i])
+                i += 1
+            continue
+        i += 1
+    return out
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """(file, arguments) of every clsemb report / compare command in README.md and the docs."""
     found = []
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.rst"))]:
-        text = path.read_text()
-        for line in text.splitlines():
-            line = line.strip().split("   #")[0]
-            for part in line.split("&&"):
+        for line in _code_lines(path):
+            for part in line.split("   #")[0].split("&&"):
                 words = (
                     shlex.split(part)
-                    if re.search(r"(^|[/ ])clsemb |captum_clsemb (report|compare)", part)
+                    if re.search(r"\b(clsemb|captum_clsemb) (report|compare)\b", part)
                     else []
                 )
                 names = [Path(w).name for w in words]
-                for prog in ("clsemb", "captum_clsemb"):
-                    if prog in names and names.index(prog) + 1 < len(names) and names[names.index(prog) + 1] in ("report", "compare"):  # fmt: skip
-                        found.append((path.name, " ".join(words[names.index(prog) + 1 :])))
+                for k, name in enumerate(names[:-1]):
+                    if name in ("clsemb", "captum_clsemb") and names[k + 1] in ("report", "compare"):
+                        found.append((path.name, words[k + 1 :]))
     return found
 
 
 def test_documented_commands_parse() -> None:
     commands = _documented_commands()
     parser = build_parser()
-    for where, command in commands:
-        args = parser.parse_args(shlex.split(command))
-        assert args.command in ("report", "compare"), (where, command)
-    joined = " ".join(c for _, c in commands)
-    # the model options are shown in use
-    for option in ("--random-init", "--classes", "--templates", "--checkpoint", "hf:", "timm:"):
-        assert option in joined, option
+    for where, words in commands:
+        args = parser.parse_args(words)  # exits (a test error) on an unknown option
+        assert args.command in ("report", "compare"), (where, words)
+    # the model options are shown in use, in the README and in the quickstart
+    for where in ("README.md", "quickstart.rst"):
+        joined = " ".join(w for name, words in commands if name == where for w in words)
+        for option in ("--random-init", "--classes", "--templates", "--checkpoint", "hf:", "timm:"):
+            assert option in joined, (where, option)
 
 
 # -- Hugging Face folders: DINOv2, CLIP, SigLIP ------------------------------------------------------
