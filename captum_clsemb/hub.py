@@ -288,11 +288,21 @@ class ImageProcessorTransform:
     differs from the size the model is configured for (e.g. DINOv2 checkpoints configured at
     518 with a 224 crop), the crop is resized (bicubic) to the configured size, which is the
     size the adapters analyse the model at.
+
+    Attributes:
+        mean, std: the per-channel normalisation the processor applies to pixels in [0, 1]
+            (to undo it when drawing the images), or None when it does not normalise.
     """
 
     def __init__(self, processor: object, size: tuple[int, int]) -> None:
         self.processor = processor
         self.size = tuple(size)
+        self.mean: list[float] | None = None
+        self.std: list[float] | None = None
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if getattr(processor, "do_normalize", True) and mean is not None and std is not None:
+            self.mean = [float(v) for v in torch.as_tensor(mean, dtype=torch.float64).flatten().expand(3)]
+            self.std = [float(v) for v in torch.as_tensor(std, dtype=torch.float64).flatten().expand(3)]
 
     def __call__(self, img: object) -> Tensor:
         x = self.processor(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
@@ -413,31 +423,46 @@ def _load_hf(
     except Exception:  # noqa: BLE001 - an unsupported family still loads; analyses will say why
         size = _config_size(model.config)
     pp_file = Path(spec) / "preprocessor_config.json"
+    pp_sizeless = _sizeless_processor_config(pp_file) if local else None
     if local and not pp_file.is_file():
         # the ViT image processor's defaults, said in the description
         processor = transformers.ViTImageProcessor(size={"height": size[0], "width": size[1]})
         desc += f"; no preprocessor_config.json: images resized to {size[0]}x{size[1]}, mean = std = 0.5"
+    elif pp_sizeless is not None:
+        # a processor config without a size (e.g. only mean and std) would get the processor
+        # class's default size (224, or a 224 crop): resize to the model's input size instead
+        processor = transformers.ViTImageProcessor(size={"height": size[0], "width": size[1]}, **pp_sizeless)
+        desc += f"; preprocessor_config.json gives no size: images resized to {size[0]}x{size[1]}"
     else:
-        pp_kw = dict(kw)
-        if local and not _has_size(pp_file):
-            # a processor config without a size (e.g. only mean and std) would resize to the
-            # processor class's default (224); resize to the model's input size instead
-            pp_kw["size"] = {"height": size[0], "width": size[1]}
         processor = _hf_call(
             "image processor",
-            lambda: transformers.AutoImageProcessor.from_pretrained(spec, **pp_kw),
+            lambda: transformers.AutoImageProcessor.from_pretrained(spec, **kw),
             local,
             spec,
         )
     return LoadedModel(model.eval(), ImageProcessorTransform(processor, size), names, desc)
 
 
-def _has_size(pp_file: Path) -> bool:
+# the settings of a processor config that a plain resize-and-normalise processor takes over
+_PLAIN_PROCESSOR_KEYS = (
+    "image_mean",
+    "image_std",
+    "do_normalize",
+    "do_rescale",
+    "rescale_factor",
+    "resample",
+)
+
+
+def _sizeless_processor_config(pp_file: Path) -> dict | None:
+    """A processor config that names no size: its normalisation settings; else None."""
     try:
         data = json.loads(pp_file.read_text())
     except (OSError, ValueError):
-        return True  # let the image processor report the problem
-    return not isinstance(data, dict) or "size" in data or "crop_size" in data
+        return None  # absent, or unreadable: the image processor reports the problem
+    if not isinstance(data, dict) or "size" in data or "crop_size" in data:
+        return None
+    return {k: data[k] for k in _PLAIN_PROCESSOR_KEYS if k in data}
 
 
 def _config_size(config: object) -> tuple[int, int]:
