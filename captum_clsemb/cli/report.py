@@ -21,6 +21,7 @@ from captum_clsemb.cli.loading import (
     ImageFileDataset,
     ImageSet,
     LoadedModel,
+    ModelOptions,
     check_positive,
     collate,
     find_images,
@@ -317,6 +318,9 @@ def write_report(results: list[SectionResult], ctx: ReportContext, out: Path) ->
 def run_report(
     model: str = "demo",
     checkpoint: str | None = None,
+    random_init: bool = False,
+    classes: str | None = None,
+    templates: str | None = None,
     images: str | None = None,
     labels: str | None = None,
     out: str | Path = "clsemb-report",
@@ -338,6 +342,8 @@ def run_report(
     (other ranks return ``{}``). ``out`` is checked before any work starts and written
     atomically (see :class:`~captum_clsemb.cli.output.OutputDir`); ``overwrite`` allows a
     non-empty folder without earlier clsemb output (its files are left untouched).
+    ``checkpoint``, ``random_init``, ``classes`` and ``templates`` say how to load ``model``
+    (:class:`~captum_clsemb.cli.loading.ModelOptions`; the ``clsemb`` model options).
     """
     check_positive(batch_size, "--batch-size")
     check_positive(max_images, "--max-images")
@@ -366,7 +372,8 @@ def run_report(
     if error:
         raise CLIError(error)
     try:
-        data = _compute_report(model, checkpoint, images, labels, out, dev, batch_size, max_images, chosen,
+        options = ModelOptions(checkpoint, random_init, classes, templates)
+        data = _compute_report(model, options, images, labels, out, dev, batch_size, max_images, chosen,
                                progress, num_workers, output)  # fmt: skip
     except BaseException:
         if output is not None:
@@ -379,7 +386,7 @@ def run_report(
 
 def _compute_report(
     model: str,
-    checkpoint: str | None,
+    options: ModelOptions,
     images: str,
     labels: str | None,
     out: str | Path,
@@ -391,7 +398,7 @@ def _compute_report(
     num_workers: int,
     output: OutputDir | None,
 ) -> dict:
-    loaded = load_model(model, checkpoint)
+    loaded = load_model(model, options)
     try:
         loaded.model.to(dev)
     except (RuntimeError, AssertionError) as e:
