@@ -11,6 +11,14 @@ class InputValidationError(ValueError):
     """Inputs, targets or options do not fit the model (shape, size, dtype, range, batch)."""
 
 
+class ModelLoadError(InputValidationError):
+    """A model could not be loaded: unknown name, no network, unreadable or mismatched weights.
+
+    Raised by :func:`captum_clsemb.load_model`; the message says how to load the model
+    without the hub (a local checkpoint or model folder, or random weights).
+    """
+
+
 class NonFiniteInputError(InputValidationError):
     """Some input images contain NaN or infinite values.
 

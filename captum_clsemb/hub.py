@@ -16,19 +16,19 @@ in the local cache raises one :class:`ModelLoadError` saying how to pass local w
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from captum_clsemb.errors import InputValidationError
+from captum_clsemb.errors import ModelLoadError
 
-
-class ModelLoadError(InputValidationError):
-    """A model could not be loaded (unknown name, no network, unreadable or mismatched weights)."""
+__all__ = ["API_OPTION_NAMES", "ImageProcessorTransform", "LoadedModel", "ModelLoadError", "load_model"]
 
 
 class LoadedModel(NamedTuple):
@@ -48,10 +48,22 @@ class LoadedModel(NamedTuple):
     description: str
 
 
-_TIMM_HINT = (
-    "without network access pass checkpoint=<local weights file> for timm's architecture, or random_init=True "
-    "for random weights"
-)
+# how the error messages name the options; a command line passes its own flags (``option_names``)
+API_OPTION_NAMES: dict[str, str] = {
+    "checkpoint": "checkpoint=<local weights file>",
+    "random_init": "random_init=True",
+    "classes": "classes=[...]",
+    "templates": "templates=[...]",
+}
+
+
+def _timm_hint(words: Mapping[str, str]) -> str:
+    return (
+        f"without network access pass {words['checkpoint']} for timm's architecture, or {words['random_init']} "
+        "for random weights"
+    )
+
+
 _HF_HINT = (
     "without network access pass the path of a local Hugging Face model folder (save_pretrained: config.json, "
     "weights, preprocessor config) instead of hf:<name>"
@@ -75,6 +87,20 @@ def _offline() -> bool:
         return False
 
 
+def _seeded(active: bool) -> contextlib.AbstractContextManager:
+    """Seed 0 for random weights (reproducible), without touching the caller's random state."""
+    if not active:
+        return contextlib.nullcontext()
+    return _fork_seeded()
+
+
+@contextlib.contextmanager
+def _fork_seeded() -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
 def _download_error(what: str, e: BaseException, hint: str) -> ModelLoadError:
     reason = "the hub is offline (HF_HUB_OFFLINE=1)" if _offline() else _first_line(e)
     return ModelLoadError(f"could not download {what}: {reason}; {hint}")
@@ -86,6 +112,8 @@ def load_model(
     random_init: bool = False,
     classes: Sequence[str] | str | os.PathLike | None = None,
     templates: Sequence[str] | None = None,
+    *,
+    option_names: Mapping[str, str] | None = None,
 ) -> LoadedModel:
     r"""Load a model for analysis by name, folder or the bundled demo.
 
@@ -101,12 +129,17 @@ def load_model(
         checkpoint: a local weights file (``.safetensors``, or a ``torch.save`` state dict,
             optionally under ``"state_dict"`` / ``"model"``) loaded into the architecture
             (strict); the hub is then only asked for a Hugging Face config.
-        random_init: random weights of the architecture instead of pretrained ones.
+        random_init: random weights of the architecture instead of pretrained ones (the
+            library's own initialisation under seed 0, so every call gives the same weights;
+            the global random state is left as it was).
         classes: CLIP / SigLIP only (required there): the class names of the zero-shot
             classifier, as a list or the path of a text file with one name per line.
         templates: CLIP / SigLIP prompt templates with one ``{}`` (default
             ``("a photo of a {}.",)``), ensembled as in
             :meth:`~captum_clsemb.zero_shot.ZeroShotClassifier.from_prompts`.
+        option_names: how error messages name the options ``checkpoint``, ``random_init``,
+            ``classes`` and ``templates`` (default ``API_OPTION_NAMES``, Python keyword
+            arguments; the ``clsemb`` command passes its flags, e.g. ``"--random-init"``).
     Returns:
         :class:`LoadedModel` ``(model, transform, class_names, description)``.
     Raises:
@@ -121,27 +154,32 @@ def load_model(
         >>> clip = load_model("hf:openai/clip-vit-base-patch32", classes=["cat", "dog"],
         ...                   templates=["a photo of a {}.", "a blurry photo of a {}."])
     """
+    words = {**API_OPTION_NAMES, **(option_names or {})}
     if not isinstance(random_init, bool):
         raise ModelLoadError(f"random_init must be True or False, got {random_init!r}")
     if checkpoint is not None and random_init:
-        raise ModelLoadError("pass either checkpoint (local weights) or random_init=True, not both")
+        raise ModelLoadError(
+            f"pass either {words['checkpoint']} (local weights) or {words['random_init']}, not both"
+        )
     spec_str = os.fspath(spec)
     is_clip_args = classes is not None or templates is not None
+    clip_only = f"{words['classes']} and {words['templates']} are for CLIP / SigLIP models"
     if spec_str == "demo":
         if checkpoint is not None or random_init or is_clip_args:
             raise ModelLoadError("the demo model ships its own weights and classes; pass no other option")
         return _load_demo()
     if spec_str.startswith("timm:"):
         if is_clip_args:
-            raise ModelLoadError(
-                "classes and templates are for CLIP / SigLIP models (hf:ORG/NAME or a folder)"
-            )
-        return _load_timm(spec_str[5:], checkpoint, random_init)
+            raise ModelLoadError(f"{clip_only} (hf:ORG/NAME or a folder)")
+        return _load_timm(spec_str[5:], checkpoint, random_init, words)
+    # checked before anything is built or downloaded
+    names = _read_classes(classes) if classes is not None else None
+    prompts = _check_templates(templates, words) if templates is not None else None
     if spec_str.startswith("hf:"):
-        return _load_hf(spec_str[3:], checkpoint, random_init, classes, templates, local=False)
+        return _load_hf(spec_str[3:], checkpoint, random_init, names, prompts, words, local=False)
     path = Path(spec_str)
     if path.is_dir():
-        return _load_hf(str(path), checkpoint, random_init, classes, templates, local=True)
+        return _load_hf(str(path), checkpoint, random_init, names, prompts, words, local=True)
     raise ModelLoadError(
         f"unknown model {spec_str!r}: use 'demo', 'timm:<name>' (e.g. timm:eva02_base_patch14_448.mim_in22k_ft_in1k), "
         "'hf:<org>/<name>' (e.g. hf:openai/clip-vit-base-patch32) or the path of a local Hugging Face model folder"
@@ -209,7 +247,9 @@ def _timm_class_names(model: nn.Module) -> list[str] | None:
     return [str(n) for n in names] if head == len(names) else None
 
 
-def _load_timm(name: str, checkpoint: str | os.PathLike | None, random_init: bool) -> LoadedModel:
+def _load_timm(
+    name: str, checkpoint: str | os.PathLike | None, random_init: bool, words: Mapping[str, str]
+) -> LoadedModel:
     import timm
     from timm.data import create_transform, resolve_data_config
 
@@ -219,12 +259,13 @@ def _load_timm(name: str, checkpoint: str | os.PathLike | None, random_init: boo
         )
     pretrained = checkpoint is None and not random_init
     try:
-        model = timm.create_model(name, pretrained=pretrained)
+        with _seeded(random_init):
+            model = timm.create_model(name, pretrained=pretrained)
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - download / cache failures become one line
         if pretrained:
-            raise _download_error(f"timm weights for {name!r}", e, _TIMM_HINT) from e
+            raise _download_error(f"timm weights for {name!r}", e, _timm_hint(words)) from e
         raise ModelLoadError(f"could not build timm model {name!r}: {_first_line(e)}") from e
     if checkpoint is not None:
         _load_state(model, checkpoint, f"timm model {name!r}")
@@ -247,11 +288,21 @@ class ImageProcessorTransform:
     differs from the size the model is configured for (e.g. DINOv2 checkpoints configured at
     518 with a 224 crop), the crop is resized (bicubic) to the configured size, which is the
     size the adapters analyse the model at.
+
+    Attributes:
+        mean, std: the per-channel normalisation the processor applies to pixels in [0, 1]
+            (to undo it when drawing the images), or None when it does not normalise.
     """
 
     def __init__(self, processor: object, size: tuple[int, int]) -> None:
         self.processor = processor
         self.size = tuple(size)
+        self.mean: list[float] | None = None
+        self.std: list[float] | None = None
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if getattr(processor, "do_normalize", True) and mean is not None and std is not None:
+            self.mean = [float(v) for v in torch.as_tensor(mean, dtype=torch.float64).flatten().expand(3)]
+            self.std = [float(v) for v in torch.as_tensor(std, dtype=torch.float64).flatten().expand(3)]
 
     def __call__(self, img: object) -> Tensor:
         x = self.processor(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
@@ -282,6 +333,17 @@ def _read_classes(classes: Sequence[str] | str | os.PathLike) -> list[str]:
     return names
 
 
+def _check_templates(templates: Sequence[str], words: Mapping[str, str]) -> list[str]:
+    items = [templates] if isinstance(templates, str) else list(templates)
+    bad = [t for t in items if not isinstance(t, str) or t.count("{}") != 1]
+    if not items or bad:
+        raise ModelLoadError(
+            f"{words['templates']}: each template needs exactly one '{{}}' for the class name "
+            f"(e.g. 'a photo of a {{}}.'), got {(bad or items)[:3]!r}"
+        )
+    return items
+
+
 def _hf_call(what: str, fn: Callable[[], object], local: bool, spec: str) -> object:
     try:
         return fn()
@@ -297,8 +359,9 @@ def _load_hf(
     spec: str,
     checkpoint: str | os.PathLike | None,
     random_init: bool,
-    classes: Sequence[str] | str | os.PathLike | None,
-    templates: Sequence[str] | None,
+    names: list[str] | None,
+    templates: list[str] | None,
+    words: Mapping[str, str],
     local: bool,
 ) -> LoadedModel:
     import transformers
@@ -321,15 +384,18 @@ def _load_hf(
     if cls is None:
         raise ModelLoadError(f"{spec}: unknown or missing architecture {arch!r} in its config.json")
     is_clip = arch in ("CLIPModel", "SiglipModel")
-    if is_clip and classes is None:
+    if is_clip and names is None:
         raise ModelLoadError(
-            f"{spec} is an image-text model ({arch}): pass classes=[...] (class names, or a file with one per "
-            "line) to build its zero-shot classifier"
+            f"{spec} is an image-text model ({arch}): pass {words['classes']} (class names, or a file with one "
+            "per line) to build its zero-shot classifier"
         )
-    if not is_clip and (classes is not None or templates is not None):
-        raise ModelLoadError(f"classes and templates are for CLIP / SigLIP models; {spec} is a {arch}")
+    if not is_clip and (names is not None or templates is not None):
+        raise ModelLoadError(
+            f"{words['classes']} and {words['templates']} are for CLIP / SigLIP models; {spec} is a {arch}"
+        )
     if random_init or checkpoint is not None:
-        model = cls(config)
+        with _seeded(random_init):
+            model = cls(config)
         if checkpoint is not None:
             _load_state(model, checkpoint, f"{arch} of {spec}")
             weights = f"weights from {checkpoint}"
@@ -341,7 +407,6 @@ def _load_hf(
     model = model.float().eval()
     where = f"{spec}" if local else f"hf:{spec}"
     if is_clip:
-        names = _read_classes(classes)
         tokenizer = _hf_call(
             "tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(spec, **kw), local, spec
         )
@@ -357,10 +422,17 @@ def _load_hf(
         size = adapt(model).img_size
     except Exception:  # noqa: BLE001 - an unsupported family still loads; analyses will say why
         size = _config_size(model.config)
-    if local and not (Path(spec) / "preprocessor_config.json").is_file():
+    pp_file = Path(spec) / "preprocessor_config.json"
+    pp_sizeless = _sizeless_processor_config(pp_file) if local else None
+    if local and not pp_file.is_file():
         # the ViT image processor's defaults, said in the description
         processor = transformers.ViTImageProcessor(size={"height": size[0], "width": size[1]})
         desc += f"; no preprocessor_config.json: images resized to {size[0]}x{size[1]}, mean = std = 0.5"
+    elif pp_sizeless is not None:
+        # a processor config without a size (e.g. only mean and std) would get the processor
+        # class's default size (224, or a 224 crop): resize to the model's input size instead
+        processor = transformers.ViTImageProcessor(size={"height": size[0], "width": size[1]}, **pp_sizeless)
+        desc += f"; preprocessor_config.json gives no size: images resized to {size[0]}x{size[1]}"
     else:
         processor = _hf_call(
             "image processor",
@@ -369,6 +441,28 @@ def _load_hf(
             spec,
         )
     return LoadedModel(model.eval(), ImageProcessorTransform(processor, size), names, desc)
+
+
+# the settings of a processor config that a plain resize-and-normalise processor takes over
+_PLAIN_PROCESSOR_KEYS = (
+    "image_mean",
+    "image_std",
+    "do_normalize",
+    "do_rescale",
+    "rescale_factor",
+    "resample",
+)
+
+
+def _sizeless_processor_config(pp_file: Path) -> dict | None:
+    """A processor config that names no size: its normalisation settings; else None."""
+    try:
+        data = json.loads(pp_file.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or unreadable: the image processor reports the problem
+    if not isinstance(data, dict) or "size" in data or "crop_size" in data:
+        return None
+    return {k: data[k] for k in _PLAIN_PROCESSOR_KEYS if k in data}
 
 
 def _config_size(config: object) -> tuple[int, int]:

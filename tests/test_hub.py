@@ -170,3 +170,62 @@ def test_without_network_one_line_says_how_to_pass_local_weights(tmp_path) -> No
         and "local Hugging Face model folder" in out["hf_random"]
     )
     assert not any((tmp_path / "hf").rglob("*.safetensors")) and not any((tmp_path / "hf").rglob("*.bin"))
+
+
+def test_model_load_error_lives_in_errors() -> None:
+    from captum_clsemb import errors, hub
+
+    assert hub.ModelLoadError is errors.ModelLoadError is ModelLoadError
+    assert issubclass(ModelLoadError, errors.InputValidationError)
+
+
+def test_random_init_is_seeded_and_leaves_the_random_state_alone() -> None:
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = load_model("timm:vit_tiny_patch16_224", random_init=True).model
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
+    b = load_model("timm:vit_tiny_patch16_224", random_init=True).model
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), ref.state_dict().values()))
+
+
+def test_messages_name_the_options_as_the_caller_spells_them(tmp_path) -> None:
+    words = {"checkpoint": "--checkpoint FILE", "random_init": "--random-init", "classes": "--classes FILE",
+             "templates": "--templates FILE"}  # fmt: skip
+    with pytest.raises(ModelLoadError, match="either --checkpoint FILE .* or --random-init, not both"):
+        load_model("timm:vit_tiny_patch16_224", checkpoint="w.pth", random_init=True, option_names=words)
+    with pytest.raises(ModelLoadError, match="--classes FILE and --templates FILE are for CLIP"):
+        load_model("timm:vit_tiny_patch16_224", templates=["a {}."], option_names=words)
+    small_clip("clip").save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"pass --classes FILE \(class names"):
+        load_model(tmp_path, option_names=words)
+
+
+def test_classes_and_templates_are_checked_before_the_model_is_loaded(tmp_path, monkeypatch) -> None:
+    small_clip("clip").save_pretrained(tmp_path)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the options were checked")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", no_load)
+    with pytest.raises(ModelLoadError, match="exactly one '{}'"):
+        load_model(tmp_path, classes=["cat"], templates=["a photo of a cat"])
+    with pytest.raises(ModelLoadError, match="classes file not found"):
+        load_model(tmp_path, classes=tmp_path / "missing.txt")
+
+
+def test_processor_config_without_a_size_resizes_to_the_model_input(tmp_path) -> None:
+    # A preprocessor_config.json with only mean and std: before, the processor class's default
+    # size (224) was used and the result interpolated back to 32 x 32.
+    small_dinov2().save_pretrained(tmp_path)
+    mean, std = [0.4, 0.45, 0.5], [0.2, 0.25, 0.3]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    _, transform, _, _ = load_model(tmp_path)
+    img = _image(40)  # 40 x 48
+    expected = transformers.ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=mean, image_std=std
+    )(images=img, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(transform(img), expected)
+    assert transform.mean == pytest.approx(mean) and transform.std == pytest.approx(std)  # to draw the images

@@ -24,6 +24,7 @@ from captum_clsemb.errors import InputValidationError
 MultiTargetType = TargetType | Sequence[Sequence[int]]
 
 __all__ = [
+    "HEAD_READS",
     "InputShape",
     "MultiTargetType",
     "batch_slices",
@@ -38,13 +39,25 @@ __all__ = [
 ]
 
 
+# what the classifier head reads, by ``adapter.pooling``
+HEAD_READS = {
+    "token": "the class token",
+    "avg": "the mean of the patch tokens (global average pooling)",
+    "cls+avg": "the class token concatenated with the mean of the patch tokens",
+    "map": "an attention-pooled summary of all tokens (attention-pooling head)",
+}
+
+
 def require_class_token(adapter: ModelAdapter, method: str) -> int:
-    """Index of the class token; a clear error for models without one (GAP)."""
+    """Index of the class token; a clear error, saying what the head reads, for models without one."""
     if not adapter.has_class_token:
+        reads = HEAD_READS.get(adapter.pooling, f"its tokens pooled as {adapter.pooling!r}")
         raise InputValidationError(
-            f"{method} explains the class token, but {type(adapter.model).__name__} has no class token "
-            "(it pools by global averaging). Use a class-token ViT (timm global_pool='token' with "
-            "class_token=True, or a Hugging Face ViT/DeiT classifier)."
+            f"{method} explains the class token, but {type(adapter.model).__name__} has no class token: "
+            f"its head reads {reads}. Methods that need a class token (ClassEmbeddingGradient, "
+            "CheferRelevancy, CheferGradientRollout, AttentionRollout, RawAttention) do not apply; "
+            "BlockwiseIdentifiability, ValueVectorProjector and the perturbation metrics do, or use a "
+            "class-token model (e.g. timm global_pool='token', a Hugging Face ViT/DeiT classifier)."
         )
     return adapter.class_token_index
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from captum_clsemb.adapters import adapt
 from captum_clsemb.cli.loading import (
     CLIError,
     ImageFileDataset,
+    ModelOptions,
     check_positive,
     collate,
     find_images,
@@ -51,6 +53,9 @@ def _load_tensors(
 def run_compare(
     model: str = "demo",
     checkpoint: str | None = None,
+    random_init: bool = False,
+    classes: str | None = None,
+    templates: str | None = None,
     images: str | None = None,
     labels: str | None = None,
     probe_images: str | None = None,
@@ -68,7 +73,8 @@ def run_compare(
     r"""Negative and positive perturbation AUC for every default method; writes results.md/.csv, curves.png, run.json.
 
     Linear probes are fitted on ``probe_images`` when given, else on a seeded half of the
-    images, which are then not evaluated.
+    images, which are then not evaluated. ``checkpoint``, ``random_init``, ``classes`` and
+    ``templates`` say how to load ``model`` (the ``clsemb`` model options).
     """
     from captum_clsemb.metrics import compare_explanations, default_methods, plot_curves, to_csv, to_markdown
 
@@ -83,7 +89,7 @@ def run_compare(
     if any(Path(d).resolve() == out.resolve() for d in (images, probe_images) if d):
         raise CLIError("--out must not be an image folder")
     with OutputDir(out, "compare", COMPARE_FILES, overwrite) as tmp:
-        loaded = load_model(model, checkpoint)
+        loaded = load_model(model, ModelOptions(checkpoint, random_init, classes, templates))
         try:
             loaded.model.to(dev)
         except (RuntimeError, AssertionError) as e:
@@ -108,7 +114,12 @@ def run_compare(
             x, y, xp, yp = x[ev], y[ev], x[pr], y[pr]
         if num_images is not None:
             x, y = x[:num_images], y[:num_images]
-        methods = default_methods(adapter, probe_data=(xp.to(dev), yp.to(dev)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            methods = default_methods(adapter, probe_data=(xp.to(dev), yp.to(dev)))
+        for w in caught:  # what was left out is in the results' notes (printed with the table)
+            if str(w.message) not in methods.notes:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         res = compare_explanations(adapter, x.to(dev), y.to(dev), methods=methods, batch_size=batch_size, score=score,
                                    explain_target=explain_target, protocol=protocol, progress=progress)  # fmt: skip
         md = to_markdown(res)
@@ -124,6 +135,7 @@ def run_compare(
                 m: {mode: res.auc(m, mode) for mode in ("negative", "positive")} for m in res.methods
             },
             "settings": {"score": score, "explain_target": explain_target, "protocol": protocol},
+            "notes": res.notes,
             "skipped_files": [{"file": f, "reason": r} for f, r in skipped],
         }
         write_json(tmp / "run.json", data)

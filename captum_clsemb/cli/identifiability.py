@@ -337,6 +337,7 @@ def identifiability_section(ctx: ReportContext) -> SectionResult:
             torch.stack([c[5] for c in chosen]), ctx.sample_images, ctx.adapter.grid_size,
             ctx.adapter.num_prefix_tokens, blocks_shown, titles, mean, std,
         )  # fmt: skip
+        res.explorer = _explorer(ctx, mean, std)
         res.captions["token_maps"] = (
             "Token maps: identifiability of every image token",
             f"Each row is one of {len(chosen)} images taken evenly from the run (the first usable file of each "
@@ -350,6 +351,21 @@ def identifiability_section(ctx: ReportContext) -> SectionResult:
             "tokens at r = 1, with class-labelled tokens identifiable earlier than context tokens.",
         )
     return res
+
+
+def _explorer(ctx: ReportContext, mean: list[float] | None, std: list[float] | None) -> dict:
+    """The token explorer's data for the sample images of the token maps and their targets."""
+    from captum_clsemb.cli.explorer import explorer_data
+
+    assert ctx.sample_images is not None and ctx.sample_labels is not None
+    c = ctx.adapter.num_classes
+    names = ctx.loaded.class_names or ctx.images.class_names
+    return explorer_data(
+        ctx.adapter, ctx.sample_images.to(ctx.device), ctx.sample_labels.to(ctx.device),
+        class_names=names if names and len(names) == c else None, mean=mean, std=std,
+        image_names=[f"{Path(p).name} ({ctx.class_name(int(t))})" for p, t in zip(ctx.sample_paths, ctx.sample_labels)],
+        labelled=ctx.sample_labelled, batch_size=ctx.batch_size,
+    )  # fmt: skip
 
 
 def _paragraphs(passes: list[ModelPass], models: list[dict], single: bool) -> list[str]:

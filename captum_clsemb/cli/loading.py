@@ -1,4 +1,4 @@
-"""Model and image loading for the command line: demo, timm names, local HF folders, image folders."""
+"""Model and image loading for the command line: model options, image folders, labels, devices."""
 
 from __future__ import annotations
 
@@ -25,8 +25,29 @@ class CLIError(Exception):
     """An error the command line reports as one line (no traceback)."""
 
 
+# how the library's loading errors name the options on the command line
+CLI_OPTION_NAMES = {
+    "checkpoint": "--checkpoint FILE (local weights)",
+    "random_init": "--random-init",
+    "classes": "--classes FILE (one class name per line)",
+    "templates": "--templates FILE (one prompt template with {} per line)",
+}
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to load ``--model``: local weights, random weights, CLIP / SigLIP classes and templates."""
+
+    checkpoint: str | None = None
+    random_init: bool = False
+    classes: str | None = None  # file of class names
+    templates: str | None = None  # file of prompt templates
+
+
 @dataclass
 class LoadedModel:
+    """:class:`captum_clsemb.hub.LoadedModel` plus what the command line adds for labelling folders."""
+
     model: nn.Module
     transform: Callable[[Image.Image], Tensor]
     class_names: list[str] | None
@@ -48,120 +69,74 @@ def _imagenet_names(num_classes: int) -> tuple[list[str], list[str]] | None:
     return list(info.label_descriptions()), list(info.label_names())
 
 
-def load_model(spec: str, checkpoint: str | None = None) -> LoadedModel:
-    r"""Load ``demo``, ``timm:NAME`` (random init, or weights from ``checkpoint``), or a local HF folder."""
-    if spec == "demo":
-        from captum_clsemb.demo import demo_transform, load_demo_config, load_demo_model
-
-        if checkpoint:
-            raise CLIError("--checkpoint is for timm models; the demo model ships its own weights")
-        cfg = load_demo_config()
-        return LoadedModel(load_demo_model("timm"), demo_transform(), list(cfg["class_names"]),
-                           f"bundled CIFAR-10 ViT (test top-1 {cfg.get('test_top1', float('nan')):.4f})")  # fmt: skip
-    if spec.startswith("timm:"):
-        return _load_timm(spec[5:], checkpoint)
-    path = Path(spec)
-    if path.is_dir():
-        if checkpoint:
-            raise CLIError("--checkpoint is for timm models; a Hugging Face folder carries its own weights")
-        return _load_hf_folder(path)
-    raise CLIError(
-        f"unknown model {spec!r}: use 'demo', 'timm:<model name>' (e.g. timm:vit_base_patch32_224) "
-        "or the path of a local Hugging Face model folder"
-    )
-
-
-def _load_timm(name: str, checkpoint: str | None) -> LoadedModel:
-    import timm
-    from timm.data import create_transform, resolve_data_config
-
-    if not timm.is_model(name):
-        raise CLIError(f"unknown timm model name {name!r}; list names with timm.list_models('vit*')")
-    model = timm.create_model(name, pretrained=False)
-    desc = f"timm {name} (random weights)"
-    if checkpoint:
-        ckpt = Path(checkpoint)
-        if not ckpt.is_file():
-            raise CLIError(f"checkpoint file not found: {ckpt}")
-        try:
-            if ckpt.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(ckpt))
-            else:
-                state = torch.load(ckpt, map_location="cpu", weights_only=True)
-                for key in ("state_dict", "model", "state_dict_ema"):
-                    if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                        state = state[key]
-                        break
-            missing, unexpected = model.load_state_dict(state, strict=True), None
-        except Exception as e:  # noqa: BLE001 - report any load failure as one line
+def read_templates(path: str | os.PathLike) -> list[str]:
+    """Prompt templates from a text file, one per line with exactly one ``{}`` (blank lines ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"--templates file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(
+            f"--templates {path} is not a readable UTF-8 text file: {str(e).splitlines()[0]}"
+        ) from e
+    templates = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        if text.count("{}") != 1:
             raise CLIError(
-                f"checkpoint {ckpt} does not fit timm model {name!r}: {str(e).splitlines()[0]}"
-            ) from e
-        del missing, unexpected
-        desc = f"timm {name} with weights from {ckpt}"
-    model.eval()
-    cfg = resolve_data_config({}, model=model)
-    # timm models carry no class names; like timm's own tools, take ImageNet's from the class count
-    imagenet = _imagenet_names(model.num_classes)
-    if imagenet is None:
-        return LoadedModel(model, create_transform(**cfg), None, desc)
-    desc += f"; class names of ImageNet ({model.num_classes} classes)"
-    return LoadedModel(model, create_transform(**cfg), imagenet[0], desc, class_ids=imagenet[1])
+                f"{path}:{number}: a template needs exactly one {{}} for the class name "
+                f"(e.g. 'a photo of a {{}}.'), got {text[:80]!r}"
+            )
+        templates.append(text)
+    if not templates:
+        raise CLIError(f"--templates {path} holds no template (one per line, with {{}} for the class name)")
+    return templates
 
 
-def _load_hf_folder(path: Path) -> LoadedModel:
+def load_model(spec: str, options: ModelOptions | None = None) -> LoadedModel:
+    r"""Load ``--model`` with :func:`captum_clsemb.hub.load_model` and the command line's extras.
+
+    The extras: 1000-class (and other ImageNet-subset) timm models without class names
+    from their pretrained config (random or local weights) get ImageNet's class names, said
+    in the description; ImageNet-labelled models also accept WordNet ids (``n01440764``) as
+    folder names. Loading errors are :class:`~captum_clsemb.errors.ModelLoadError` naming the
+    command line's options.
+    """
     import transformers
 
-    if not (path / "config.json").is_file():
-        raise CLIError(f"{path} is not a Hugging Face model folder (no config.json)")
+    from captum_clsemb.hub import load_model as hub_load_model
+
+    opts = options or ModelOptions()
+    templates = read_templates(opts.templates) if opts.templates is not None else None
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar around one-line messages
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        arch = (config.architectures or ["ViTForImageClassification"])[0]
-        cls = getattr(transformers, arch, None)
-        if cls is None:
-            raise CLIError(f"{path}: unknown architecture {arch!r}")
-        model = cls.from_pretrained(path, local_files_only=True).eval()
-    except CLIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise CLIError(f"could not load the Hugging Face model in {path}: {str(e).splitlines()[0]}") from e
+        model, transform, names, desc = hub_load_model(
+            spec,
+            checkpoint=opts.checkpoint,
+            random_init=opts.random_init,
+            classes=opts.classes,
+            templates=templates,
+            option_names=CLI_OPTION_NAMES,
+        )
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    mean, std, resize = [0.5] * 3, [0.5] * 3, True
-    if (path / "preprocessor_config.json").is_file():
-        import json
-
-        pp = json.loads((path / "preprocessor_config.json").read_text())
-        mean, std = pp.get("image_mean", mean), pp.get("image_std", std)
-    transform = SquashTransform(size, mean, std) if resize else None
-    id2label = getattr(config, "id2label", {}) or {}
-    names = [id2label.get(i) for i in range(len(id2label))]
-    names = names if names and all(names) and names[0] != "LABEL_0" else None
     ids = None
-    imagenet = _imagenet_names(len(names)) if names else None
-    if imagenet is not None and sum(a == b for a, b in zip(names, imagenet[0])) >= 0.95 * len(names):
-        ids = imagenet[1]  # ImageNet labels: folders may also use the WordNet ids
-    return LoadedModel(model, transform, names, f"Hugging Face {arch} from {path}", class_ids=ids)
-
-
-class SquashTransform:
-    """Resize to size x size (the ViT image processor's default), scale to [0, 1], normalise."""
-
-    def __init__(self, size: int, mean: list[float], std: list[float]) -> None:
-        self.size, self.mean, self.std = size, [float(v) for v in mean], [float(v) for v in std]
-
-    def __call__(self, img: Image.Image) -> Tensor:
-        import numpy as np
-
-        img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+    if names is None and spec.startswith("timm:"):
+        # timm models carry no class names; like timm's own tools, take ImageNet's from the class count
+        imagenet = _imagenet_names(getattr(model, "num_classes", 0))
+        if imagenet is not None:
+            names, ids = imagenet
+            desc += f"; class names of ImageNet ({len(names)} classes)"
+    elif names:
+        imagenet = _imagenet_names(len(names))
+        if imagenet is not None and sum(a == b for a, b in zip(names, imagenet[0])) >= 0.95 * len(names):
+            ids = imagenet[1]  # ImageNet labels: folders may also use the WordNet ids
+    return LoadedModel(model, transform, names, desc, class_ids=ids)
 
 
 @dataclass

@@ -24,6 +24,62 @@ OVERWRITE_HELP = (
 )
 
 
+MODEL_HELP = (
+    "'demo' (the bundled CIFAR-10 ViT, the default); 'timm:<name>' (timm's pretrained weights, e.g. "
+    "timm:vit_base_patch16_224.augreg2_in21k_ft_in1k); 'hf:<org>/<name>' (Hugging Face from_pretrained, e.g. "
+    "hf:facebook/dinov2-small-imagenet1k-1-layer, hf:openai/clip-vit-base-patch32 with --classes); or the path "
+    "of a local Hugging Face model folder (save_pretrained output)"
+)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, repeatable: bool = False) -> None:
+    """The model options that ``clsemb report`` and ``clsemb compare`` share.
+
+    ``repeatable``: ``--model`` may be given several times (the report compares the models).
+    """
+    group = parser.add_argument_group("model")
+    if repeatable:
+        group.add_argument(
+            "--model", action="append", help=MODEL_HELP + ". Repeat --model to compare several models (Fig. 2 "
+            "over normalised depth, Table 1, each against its random-init copy); the other sections analyse the "
+            "first; --checkpoint then does not apply",
+        )  # fmt: skip
+    else:
+        group.add_argument("--model", default="demo", help=MODEL_HELP)
+    group.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="local weights (.pth/.pt/.safetensors state dict) for the --model architecture; nothing is downloaded "
+        "for timm models",
+    )
+    group.add_argument(
+        "--random-init",
+        action="store_true",
+        help="random weights of the --model architecture (seeded) instead of pretrained ones: no weights downloaded",
+    )
+    group.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="CLIP / SigLIP: text file of class names, one per line (the zero-shot classifier's classes)",
+    )
+    group.add_argument(
+        "--templates",
+        metavar="FILE",
+        help="CLIP / SigLIP: text file of prompt templates, one per line with {} for the class name "
+        "(ensembled); default 'a photo of a {}.'",
+    )
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The model options of parsed arguments, as keyword arguments of ``run_report`` / ``run_compare``."""
+    return {
+        "checkpoint": args.checkpoint,
+        "random_init": args.random_init,
+        "classes": args.classes,
+        "templates": args.templates,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clsemb", description="Vision Transformers in class embedding space."
@@ -32,14 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report", help="HTML/PNG/JSON report of identifiability (and more) for a model and images"
     )
-    rep.add_argument("--model", action="append",
-                     help="'demo' (bundled CIFAR-10 ViT, the default), 'timm:<name>' or a local Hugging Face model "
-                          "folder; repeat it to compare several models (Fig. 2 over normalised depth, Table 1); the "
-                          "other sections analyse the first")  # fmt: skip
+    add_model_arguments(rep, repeatable=True)
     rep.add_argument("--masks", help="folder of segmentation masks (ImageNet-S style PNG, class id = R + 256 G, or "
                                      "single-channel PNG), matched to the images by file stem: adds the class- "
                                      "versus context-token section (paper Fig. 3a)")  # fmt: skip
-    rep.add_argument("--checkpoint", help="weights for a timm model (.pth/.pt/.safetensors)")
     rep.add_argument("--images", help=IMAGES_HELP)
     rep.add_argument("--labels", help=LABELS_HELP)
     rep.add_argument("--out", default="clsemb-report", help="output folder (default: clsemb-report)")
@@ -73,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser(
         "compare", help="perturbation AUC: ClassEmbeddingGradient vs Chefer et al. and baselines"
     )
-    cmp.add_argument("--model", default="demo", help="as for report")
-    cmp.add_argument("--checkpoint", help="weights for a timm model")
+    add_model_arguments(cmp)
     cmp.add_argument("--images", help=IMAGES_HELP + " (every image needs a label)")
     cmp.add_argument("--labels", help=LABELS_HELP)
     cmp.add_argument(
@@ -119,6 +170,11 @@ def _destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a library message may quote a multi-line text)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="clsemb: %(message)s")
@@ -133,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _init_distributed(args.device)
                 started_group = True
             data = run_report(
-                model=args.model, checkpoint=args.checkpoint, images=args.images, labels=args.labels, out=args.out,
+                model=args.model, **model_options(args), images=args.images, labels=args.labels, out=args.out,
                 device=args.device, batch_size=args.batch_size, max_images=args.max_images,
                 progress=not args.no_progress, num_workers=args.num_workers,
                 section_names=[n.strip() for n in args.sections.split(",") if n.strip()],
@@ -154,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from captum_clsemb.cli.compare import run_compare
 
             data = run_compare(
-                model=args.model, checkpoint=args.checkpoint, images=args.images, labels=args.labels,
+                model=args.model, **model_options(args), images=args.images, labels=args.labels,
                 probe_images=args.probe_images, probe_labels=args.probe_labels, out=args.out,
                 num_images=args.num_images, batch_size=args.batch_size, explain_target=args.explain_target,
                 protocol=args.protocol, score=args.score, device=args.device, progress=not args.no_progress,
@@ -163,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(data["markdown"])
             print(f"written to {args.out}/ (results.md, results.csv, curves.png, run.json)")
     except (CLIError, InputValidationError, UnsupportedModelError) as e:
-        print(f"clsemb: error: {e}", file=sys.stderr)
+        print(f"clsemb: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clsemb: interrupted; --out was left as it was", file=sys.stderr)

@@ -22,6 +22,7 @@ from captum_clsemb.cli.loading import (
     ImageFileDataset,
     ImageSet,
     LoadedModel,
+    ModelOptions,
     check_positive,
     collate,
     find_images,
@@ -60,6 +61,8 @@ class SectionResult:
     tables: list[ReportTable] = field(default_factory=list)
     captions: dict[str, tuple[str, str]] = field(default_factory=dict)
     claims: list[Claim] = field(default_factory=list)
+    # data of the interactive token explorer (cli.explorer.explorer_data), shown after the section
+    explorer: dict | None = None
 
     @property
     def section_key(self) -> str:
@@ -338,8 +341,11 @@ def write_report(results: list[SectionResult], ctx: ReportContext, out: Path) ->
                 "paragraphs": paragraphs,
                 "tables": res.tables,
                 "figures": figures,
+                "html": None,
             }
         )
+        if res.explorer is not None:
+            sections.append(_explorer_section(res.explorer))
     html_text = render_report(
         {
             "model": _describe_model(ctx.loaded.description),
@@ -354,12 +360,35 @@ def write_report(results: list[SectionResult], ctx: ReportContext, out: Path) ->
             "sections": sections,
             "settings": STATS_SETTINGS,
             "alpha": ALPHA,
-            "explorer": None,
         }
     )
     (out / "report.html").write_text(html_text, encoding="utf-8")
     write_json(out / "report.json", data)
     return data
+
+
+def _explorer_section(data: dict) -> dict:
+    """The token explorer (an interactive HTML partial with its data embedded) as a report section."""
+    from markupsafe import Markup
+
+    from captum_clsemb.cli.explorer import render_explorer
+
+    n = len(data["images"])
+    return {
+        "key": "token_explorer",
+        "title": "Token explorer",
+        "paragraphs": [
+            f"The {n} sample images of the token maps, with every token's classes at every block. Pick an image and "
+            "a block, then hover over (or click) a patch, or the class token's button, to see that token's top-"
+            f"{data['top_k']} classes in class embedding space with their scores (softmax probability of the "
+            "projected state) and its identifiability r of the image's target class across all blocks. Patches "
+            "are shaded by r at the chosen block. The target is the label, or the predicted class where the image "
+            "has no label."
+        ],
+        "tables": [],
+        "figures": [],
+        "html": Markup(render_explorer(data)),
+    }
 
 
 def render_report(context: dict) -> str:
@@ -379,6 +408,9 @@ def render_report(context: dict) -> str:
 def run_report(
     model: str | Sequence[str] | None = "demo",
     checkpoint: str | None = None,
+    random_init: bool = False,
+    classes: str | None = None,
+    templates: str | None = None,
     images: str | None = None,
     labels: str | None = None,
     out: str | Path = "clsemb-report",
@@ -406,6 +438,8 @@ def run_report(
     writes the report (other ranks return ``{}``). ``out`` is checked before any work starts
     and written atomically (see :class:`~captum_clsemb.cli.output.OutputDir`); ``overwrite``
     allows a non-empty folder without earlier clsemb output (its files are left untouched).
+    ``checkpoint``, ``random_init``, ``classes`` and ``templates`` say how to load each
+    ``model`` (:class:`~captum_clsemb.cli.loading.ModelOptions`; the ``clsemb`` model options).
     """
     specs = _model_specs(model)
     if checkpoint and len(specs) > 1:
@@ -444,7 +478,8 @@ def run_report(
     if error:
         raise CLIError(error)
     try:
-        data = _compute_report(specs, checkpoint, images, labels, out, dev, batch_size, max_images, chosen,
+        options = ModelOptions(checkpoint, random_init, classes, templates)
+        data = _compute_report(specs, options, images, labels, out, dev, batch_size, max_images, chosen,
                                progress, num_workers, output, masks)  # fmt: skip
     except BaseException:
         if output is not None:
@@ -468,7 +503,7 @@ def _model_specs(model: str | Sequence[str] | None) -> list[str]:
 
 def _compute_report(
     specs: list[str],
-    checkpoint: str | None,
+    options: ModelOptions,
     images: str,
     labels: str | None,
     out: str | Path,
@@ -483,7 +518,7 @@ def _compute_report(
 ) -> dict:
     contexts = []
     for spec in specs:
-        loaded = load_model(spec, checkpoint)
+        loaded = load_model(spec, options)
         try:
             loaded.model.to(dev)
         except (RuntimeError, AssertionError) as e:

@@ -7,7 +7,7 @@ import importlib
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,29 @@ DEFAULT_METHOD_CLASSES: dict[str, tuple[str, str]] = {
     "RawAttention": ("captum_clsemb.attr.raw_attention", "RawAttention"),
 }
 
+# the default methods that explain the class token: left out for models without one
+CLASS_TOKEN_METHODS: tuple[str, ...] = tuple(DEFAULT_METHOD_CLASSES)
+
 Method = Any  # a callable (inputs, target) -> attributions, an object with .attribute, or a class
+
+
+class DefaultMethods(dict):
+    r"""``{name: method}`` as returned by :func:`default_methods`, with ``notes``.
+
+    ``notes`` lists, one sentence each, the default methods that were left out and why
+    (no class token, not available, no probe data) and caveats of the ones kept;
+    :func:`compare_explanations` copies them into :attr:`ComparisonResults.notes`.
+    """
+
+    def __init__(self, *args: Any, notes: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.notes = list(notes)
+
+
+def _head_reads(adapter: ModelAdapter) -> str:
+    from captum_clsemb.attr._explanation_utils import HEAD_READS
+
+    return HEAD_READS.get(adapter.pooling, f"its tokens pooled as {adapter.pooling!r}")
 
 
 def default_methods(
@@ -40,14 +62,19 @@ def default_methods(
     probe_data: tuple[Tensor, Tensor] | None = None,
     seed: int = 0,
     probe_batch_size: int | None = None,
-) -> dict[str, Any]:
+) -> DefaultMethods:
     r"""The default explanation methods, built for ``model``.
 
     ClassEmbeddingGradient, CheferRelevancy, CheferGradientRollout, AttentionRollout and
-    RawAttention (each skipped with a warning when its module is not available or it does
-    not support the model, e.g. a class-token method on a GAP model), a
-    linear-probe ranking (:class:`LinearProbeRanking`, fitted on ``probe_data``; skipped with
-    a warning when ``probe_data`` is None) and a seeded per-image random ranking.
+    RawAttention (the class-token methods: left out for models without a class token, e.g.
+    global-average-pooling ViTs and SigLIP; each also left out when its module is not
+    available or it does not support the model, e.g. LRP on rotary embeddings), a
+    linear-probe ranking (:class:`LinearProbeRanking`, fitted on ``probe_data``; left out
+    when ``probe_data`` is None) and a seeded per-image random ranking. Whatever is left
+    out is said in a warning and in the returned ``notes``, which
+    :func:`compare_explanations` shows with its results. On a model with a class token that
+    its head does not read (e.g. EVA-02 and BEiT mean pooling), the class-token methods
+    run, with a note that they explain the class token, not the prediction.
 
     Args:
         model: a supported ViT or its adapter.
@@ -56,31 +83,51 @@ def default_methods(
         seed: seed of the random ranking. Default: 0.
         probe_batch_size: images per forward when fitting the probes.
     Returns:
-        ``{name: method}``, in the order above.
+        :class:`DefaultMethods`: ``{name: method}`` in the order above, with ``notes``.
     """
-    methods: dict[str, Any] = {}
+    adapter = adapt(model)
+    methods = DefaultMethods()
+    notes: list[str] = []
+    model_name = type(adapter.model).__name__
+    skip: tuple[str, ...] = ()
+    if not adapter.has_class_token:
+        skip = CLASS_TOKEN_METHODS
+        notes.append(
+            f"{', '.join(skip)} left out: they explain the class token, and {model_name} has none "
+            f"(its head reads {_head_reads(adapter)})."
+        )
     missing, unsupported = [], []
     for name, (module_name, class_name) in DEFAULT_METHOD_CLASSES.items():
+        if name in skip:
+            continue
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError):
             missing.append(name)
             continue
         try:
-            methods[name] = cls(model)
-        except (InputValidationError, UnsupportedModelError) as e:  # e.g. needs a class token
+            methods[name] = cls(adapter)
+        except (InputValidationError, UnsupportedModelError) as e:  # e.g. no LRP rule for a part
             unsupported.append(f"{name}: {e}")
-    if missing:
-        warnings.warn(f"explanation methods not available, left out: {missing}", stacklevel=2)
-    if unsupported:
-        warnings.warn(
-            f"explanation methods that do not support this model, left out: {unsupported}", stacklevel=2
+    kept = [name for name in CLASS_TOKEN_METHODS if name in methods]
+    if kept and not adapter.reads_class_token:
+        notes.append(
+            f"The head of {model_name} reads {_head_reads(adapter)}, not the class token: "
+            f"{', '.join(kept)} explain the class token's own state (a token of the model), "
+            "not what the prediction is computed from."
         )
+    if missing:
+        notes.append(f"explanation methods not available, left out: {missing}")
+    if unsupported:
+        notes.append(f"explanation methods that do not support this model, left out: {unsupported}")
     if probe_data is not None:
-        methods["LinearProbe"] = LinearProbeRanking(model).fit(*probe_data, batch_size=probe_batch_size)
+        methods["LinearProbe"] = LinearProbeRanking(adapter).fit(*probe_data, batch_size=probe_batch_size)
     else:
-        warnings.warn("no probe_data given: the linear-probe ranking is left out", stacklevel=2)
-    methods["Random"] = RandomRanking(model, seed=seed)
+        notes.append("no probe_data given: the linear-probe ranking is left out")
+    methods["Random"] = RandomRanking(adapter, seed=seed)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    methods.notes = notes
     return methods
 
 
@@ -96,6 +143,8 @@ class ComparisonResults:
         clean_score: mean score on the unperturbed images.
         seconds: attribution time per method (total over the images), in seconds.
         num_images, score, protocol, explain_target: the run's settings.
+        notes: default methods left out and why, and caveats (see :func:`default_methods`);
+            shown by :func:`to_markdown`.
     """
 
     methods: list[str]
@@ -107,6 +156,7 @@ class ComparisonResults:
     score: str
     protocol: str
     explain_target: str
+    notes: list[str] = field(default_factory=list)
 
     def mean_curve(self, method: str, mode: str) -> Tensor:
         """Mean curve (S,) over images."""
@@ -214,7 +264,9 @@ def compare_explanations(
         methods: ``{name: method}``; a method is an object with ``.attribute(inputs,
             target=...)``, a class constructed as ``cls(model)``, or a callable
             ``(inputs, target) -> attributions``, returning (N, 1, h, w) on the patch grid
-            (or pixel maps for ``protocol="pixels"``). Default: :func:`default_methods`.
+            (or pixel maps for ``protocol="pixels"``). Default: :func:`default_methods`
+            (without the class-token methods on models that have no class token; the
+            results' ``notes`` say what was left out).
         fractions: removal fractions. Default: 0, 0.1, ..., 0.9.
         batch_size: images per batch (tensor input). Default: 32.
         score: ``"accuracy"`` (vs the labels), ``"probability"`` or ``"logit"`` of the
@@ -248,6 +300,7 @@ def compare_explanations(
         methods = default_methods(adapter, probe_data=probe_data, seed=seed)
     if not methods:
         raise InputValidationError("methods is empty: give at least one explanation method")
+    notes = list(getattr(methods, "notes", ()))
     methods = {name: (m(adapter.model) if isinstance(m, type) else m) for name, m in methods.items()}
     names = list(methods)
     collected: dict[str, dict[str, list[Tensor]]] = {m: {mode: [] for mode in MODES} for m in names}
@@ -291,6 +344,7 @@ def compare_explanations(
         score=score,
         protocol=protocol,
         explain_target=explain_target,
+        notes=notes,
     )
 
 
@@ -318,10 +372,13 @@ def to_markdown(results: ComparisonResults, digits: int = 2) -> str:
         results: output of :func:`compare_explanations`.
         digits: decimals of the trapezoid AUCs. Default: 2.
     Returns:
-        the description line, a blank line and the table.
+        the description line, the notes when there are any (a list of the methods left out
+        and why, and caveats), a blank line and the table.
     """
+    notes = ["", "Notes:", *(f"- {note}" for note in results.notes)] if results.notes else []
     lines = [
         _describe(results),
+        *notes,
         "",
         "| Method | Negative AUC ↑ | Positive AUC ↓ | Neg − Pos ↑ | Negative (authors) ↑ | Positive (authors) ↓ "
         "| Attribution ms/image |",

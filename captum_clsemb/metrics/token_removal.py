@@ -97,7 +97,10 @@ def token_removal_auc(
             scored; None uses the model's prediction on the unperturbed input.
         mode: ``"negative"`` or ``"positive"``. Default: ``"negative"``.
         fractions: removal fractions, strictly increasing in [0, 1]. Default: 0, 0.1, ..., 0.9.
-            Removing every patch (f = 1) is allowed for class-token models only.
+            Removing every patch (f = 1) is allowed only where the head reads the class token
+            alone (``adapter.pooling == "token"``); the mean of no patches (mean pooling,
+            DINOv2's ``[class token, patch mean]``) and an attention pool over no tokens
+            (SigLIP) are undefined, and such fractions raise an error.
         score: ``"accuracy"`` (top-1 ``argmax == labels``; ``labels`` None uses ``target``,
             and ``target`` None the clean prediction), ``"probability"`` (softmax of the
             target class) or ``"logit"`` (target logit). Default: ``"accuracy"``.
@@ -123,10 +126,15 @@ def token_removal_auc(
     n, num_patches = x.shape[0], adapter.num_patches
     fr = check_fractions(fractions)
     counts = tokens_to_remove(fr, num_patches)
-    if counts[-1] == num_patches and adapter.pooling == "avg":
+    if counts[-1] == num_patches and adapter.pooling != "token":
+        # the head reads the patch tokens (their mean, or an attention pool over them): with
+        # none left its output is undefined (NaN), not a score
+        from captum_clsemb.attr._explanation_utils import HEAD_READS
+
         raise InputValidationError(
-            "removing every patch token leaves nothing to average for a global-average-pooling model; "
-            "use fractions below 1"
+            f"removing every patch token (fraction {float(fr[-1]):g}) leaves nothing for the head of "
+            f"{type(adapter.model).__name__} to read (it reads {HEAD_READS.get(adapter.pooling, 'the patch tokens')}); "
+            "use fractions that keep at least one patch (below 1)"
         )
     order = removal_order(patch_scores(attributions, n, adapter.grid_size).to(x.device), mode)
     tgt, lab = targets_and_labels(target, labels, n, adapter.num_classes, x.device)

@@ -125,9 +125,9 @@ def test_model_without_class_names_needs_index_folders_or_csv(tmp_path: Path, ca
 
 def test_imagenet_folders_for_timm_models(tmp_path: Path) -> None:
     # timm models carry no class names: ImageNet's (WordNet ids or names) are used for 1000 classes
-    from captum_clsemb.cli.loading import load_model
+    from captum_clsemb.cli.loading import ModelOptions, load_model
 
-    loaded = load_model("timm:vit_tiny_patch16_224")
+    loaded = load_model("timm:vit_tiny_patch16_224", ModelOptions(random_init=True))
     for name in ("n01443537", "tench", "Great_White_Shark"):  # goldfish (1), tench (0), great white shark (2)
         _copy("cat", tmp_path / "imgs" / name, 1)
     s = find_images(tmp_path / "imgs", None, loaded.class_names, 1000, class_ids=loaded.class_ids)

@@ -7,9 +7,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import images, small_timm
+from conftest import FAMILY_VARIANTS, TIMM_VARIANTS, images, small_timm, small_zero_shot
 
-from captum_clsemb import InputValidationError
+from captum_clsemb import ClassEmbeddingGradient, InputValidationError
+from captum_clsemb.adapters import adapt
 from captum_clsemb.metrics import (
     LinearProbeRanking,
     RandomRanking,
@@ -113,3 +114,81 @@ def test_default_methods_and_errors() -> None:
         compare_explanations(
             model, images(2), torch.arange(2), methods={"r": RandomRanking(model)}, protocol="x"
         )
+
+
+# -- models whose head does not read (or has no) class token ---------------------------------------
+NO_CLASS_TOKEN = {
+    "gap_fc_norm": ("mean of the patch tokens", lambda: TIMM_VARIANTS["gap_fc_norm"]()),
+    "siglip_zero_shot": ("attention-pool", lambda: small_zero_shot("siglip")),
+}
+CLASS_TOKEN_METHODS = [
+    "ClassEmbeddingGradient",
+    "CheferRelevancy",
+    "CheferGradientRollout",
+    "AttentionRollout",
+    "RawAttention",
+]
+
+
+@pytest.mark.parametrize("variant", list(NO_CLASS_TOKEN))
+def test_models_without_class_token_leave_out_the_class_token_methods(variant: str) -> None:
+    # Before: the default methods kept ClassEmbeddingGradient & co., and compare_explanations
+    # raised on the first batch, so no comparison could be run at all on these models.
+    reads, build = NO_CLASS_TOKEN[variant]
+    model = build()
+    assert not adapt(model).has_class_token
+    x, y = images(4, seed=2), torch.tensor([0, 3, 5, 6])
+    probe = (images(14, seed=9), torch.arange(14) % 7)
+    with pytest.warns(UserWarning, match="left out: they explain the class token"):
+        methods = default_methods(model, probe_data=probe)
+    assert list(methods) == ["LinearProbe", "Random"]
+    assert len(methods.notes) == 1
+    note = methods.notes[0]
+    assert all(name in note for name in CLASS_TOKEN_METHODS) and reads in note
+    assert type(adapt(model).model).__name__ in note
+    # the class-token methods themselves say what the head reads
+    with pytest.raises(InputValidationError, match=f"has no class token: its head reads.*{reads}"):
+        ClassEmbeddingGradient(model).attribute(x, target=y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = compare_explanations(model, x, y, probe_data=probe, fractions=FR)
+    assert res.methods == ["LinearProbe", "Random"] and res.notes == methods.notes
+    md = to_markdown(res)
+    assert f"- {note}" in md and md.index("Notes:") < md.index("| Method |")
+    # the others ran and equal the metric called directly with their attributions
+    probe_ranking = LinearProbeRanking(model).fit(*probe)
+    for mode in ("negative", "positive"):
+        _, ref = token_removal_auc(model, x, probe_ranking.attribute(x, target=y), target=y, labels=y, mode=mode,
+                                   fractions=FR, return_curve=True)  # fmt: skip
+        torch.testing.assert_close(res.curves["LinearProbe"][mode], ref)
+        _, ref = token_removal_auc(model, x, RandomRanking(model, seed=0).attribute(x), target=y, labels=y,
+                                   mode=mode, fractions=FR, return_curve=True)  # fmt: skip
+        torch.testing.assert_close(res.curves["Random"][mode], ref)
+
+
+def test_class_token_not_read_by_the_head_is_noted() -> None:
+    # EVA-02 style: the class token is kept but the head averages the patches
+    model = FAMILY_VARIANTS["eva02_avg"]()
+    adapter = adapt(model)
+    assert adapter.has_class_token and not adapter.reads_class_token
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        methods = default_methods(model)
+    assert "ClassEmbeddingGradient" in methods and "CheferRelevancy" not in methods  # no LRP rule for RoPE
+    notes = methods.notes
+    assert any(
+        "not the class token" in n and "mean of the patch tokens" in n and "ClassEmbeddingGradient" in n
+        and "CheferRelevancy" not in n for n in notes
+    )  # fmt: skip
+    assert any("CheferRelevancy" in n and "left out" in n for n in notes)
+    assert any("linear-probe" in n for n in notes)
+    # a class-token model whose head reads the class token: nothing to note
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = default_methods(small_timm(), probe_data=(images(14, seed=9), torch.arange(14) % 7))
+    assert plain.notes == [] and list(plain)[:5] == CLASS_TOKEN_METHODS
+    res = compare_explanations(
+        small_timm(), images(2), torch.tensor([0, 1]), methods=plain, fractions=FR, score="probability"
+    )
+    assert res.notes == [] and "Notes:" not in to_markdown(res)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TIMM_VARIANTS, images, model_logits, small_hf, small_timm
+from conftest import FAMILY_VARIANTS, TIMM_VARIANTS, images, model_logits, small_hf, small_timm
 
 from captum_clsemb import InputValidationError
+from captum_clsemb.adapters import adapt
 from captum_clsemb.metrics import authors_auc, token_removal_auc
 from captum_clsemb.metrics.auc import tokens_to_remove
+from captum_clsemb.trace import trace
 
 FR = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -139,8 +141,48 @@ def test_removing_every_token() -> None:
                              return_curve=True)  # fmt: skip
     only_cls = by_hand_logits(model, x, torch.empty(2, 0, dtype=torch.long))
     torch.testing.assert_close(c[:, 1], only_cls[[0, 1], [0, 1]], atol=1e-5, rtol=1e-5)
-    with pytest.raises(InputValidationError, match="global-average-pooling"):
+    with pytest.raises(InputValidationError, match="mean of the patch tokens"):
         token_removal_auc(TIMM_VARIANTS["gap_fc_norm"](), x, torch.randn(2, 16), fractions=(0.0, 1.0))
+
+
+# heads that read the patch tokens: their mean (GAP, EVA-02 / BEiT mean pooling with the class
+# token kept), DINOv2's [class token, patch mean], SigLIP's attention pool
+POOLED_HEADS = {
+    "gap_fc_norm": ("avg", lambda: TIMM_VARIANTS["gap_fc_norm"]()),
+    "eva02_avg": ("avg", FAMILY_VARIANTS["eva02_avg"]),
+    "beit_avg": ("avg", FAMILY_VARIANTS["beit_avg"]),
+    "hf_dinov2": ("cls+avg", FAMILY_VARIANTS["hf_dinov2"]),
+    "hf_dinov2_registers": ("cls+avg", FAMILY_VARIANTS["hf_dinov2_registers"]),
+    "siglip_zero_shot": ("map", FAMILY_VARIANTS["siglip_zero_shot"]),
+}
+
+
+@pytest.mark.parametrize("variant", list(POOLED_HEADS))
+def test_removing_every_token_is_refused_where_the_head_reads_the_patches(variant: str) -> None:
+    # Before: only "avg" was refused; DINOv2 gave NaN logits (the mean of no patches) and
+    # scored them as if they were a result.
+    pooling, build = POOLED_HEADS[variant]
+    model, x = build(), images(2)
+    adapter = adapt(model)
+    assert adapter.pooling == pooling
+    what = {"avg": "mean of the patch tokens", "cls+avg": "class token concatenated with the mean",
+            "map": "attention-pool"}[pooling]  # fmt: skip
+    with pytest.raises(InputValidationError, match=f"leaves nothing for the head.*{what}"):
+        token_removal_auc(model, x, torch.randn(2, 16), fractions=(0.0, 0.5, 1.0))
+    with pytest.raises(InputValidationError, match="leaves nothing"):  # 0.98 * 16 rounds to 16
+        token_removal_auc(model, x, torch.randn(2, 16), fractions=(0.0, 0.98))
+    # one patch left is a real score: the model run on the prefix tokens and that patch
+    attr = torch.randn(2, 16)
+    _, c = token_removal_auc(model, x, attr, target=[0, 1], fractions=(0.0, 15 / 16), score="logit",
+                             mode="positive", return_curve=True)  # fmt: skip
+    keep = attr.argmin(1, keepdim=True)  # positive: the least important patch is the last one kept
+    expected = trace(adapter, x, keep_tokens=keep).logits[[0, 1], [0, 1]]
+    assert torch.isfinite(c).all()
+    torch.testing.assert_close(c[:, 1], expected, atol=1e-5, rtol=1e-5)
+    # and where a prefix token remains, the logits with every patch dropped are not a number
+    if adapter.has_class_token:
+        none_kept = trace(adapter, x, keep_tokens=torch.empty(2, 0, dtype=torch.long)).logits
+        assert torch.isnan(none_kept).all()
 
 
 def test_input_errors() -> None:
