@@ -254,6 +254,13 @@ def identifiability_section(ctx: ReportContext) -> SectionResult:
     baselines = {mp.ctx.name: mp.baseline for mp in passes if mp.baseline is not None and testable}
     cmp = compare_models(records, baselines, **STATS_SETTINGS)
     models = [_model_numbers(mp, cmp) for mp in passes]
+    if len(passes) > 1:  # the curves of the shared figure: each model's blocks averaged onto the depth grid
+        for m in models:
+            name = m["model"]
+            m["normalised_depth_curves"] = {
+                stat: {GROUP_KEYS[g]: ci.to_dict() for g, ci in cmp.curve_ci[name][stat].items()}
+                for stat in ("mean", "rate")
+            }
 
     # the primary model's exact dataset numbers, as before (key names without spaces)
     numbers = dict(primary.numbers)

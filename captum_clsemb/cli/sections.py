@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from captum_clsemb.cli.report import ReportContext, SectionResult, _norm_stats, targets_description
+from captum_clsemb.cli.report import snake_case as snake
 from captum_clsemb.cli.report_format import (
     ALPHA,
     MIN_SAMPLES,
@@ -35,6 +36,7 @@ from captum_clsemb.stats import bootstrap_ci, mann_whitney_u, perturbation_auc_t
 from captum_clsemb.stream import gather_objects, world
 
 LAYERS = ("attn", "mlp")
+BASELINE_KEYS = {"Random": "vs_random", "LinearProbe": "vs_linear_probe"}
 LAYER_NAMES = {"attn": "attention", "mlp": "MLP"}
 
 
@@ -796,7 +798,10 @@ def comparison_section(ctx: ReportContext, num_images: int = 40) -> SectionResul
         else None,
         "fractions": res.fractions.tolist(),
         "methods": methods_json,
-        "tests_classembeddinggradient_vs_baselines": tests,
+        # one-sided, paired per image: {mode: {"vs_random": test, "vs_linear_probe": test}}
+        "tests_class_embedding_gradient_vs_baselines": {
+            mode: {BASELINE_KEYS.get(b, snake(b)): t for b, t in per.items()} for mode, per in tests.items()
+        },
         "targets": ctx.targets,
     }
     out = SectionResult(title, jsonable(numbers), key=key)
