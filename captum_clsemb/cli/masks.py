@@ -51,23 +51,45 @@ def _geometry(transform: object) -> dict:
         raise CLIError(f"--masks: cannot map the masks onto the model's input: {e}") from e
 
 
-def check_masks(ctx: ReportContext, masks: str | Path) -> dict:
-    """Match the masks to the run's images by file stem; one clear error before the long work.
-
-    Returns ``{"dir", "files" (per image file index: mask path or None), "geometry", "num_matched"}``.
-    """
+def _match(masks: Path, root: Path, files: list[Path]) -> tuple[list[Path | None], str]:
+    """Each image's mask: by file stem anywhere under ``masks`` (ImageNet-S layout); when stems repeat
+    among the images (e.g. ``cat/0001.jpg`` and ``dog/0001.jpg``), by sub-folder and stem instead."""
     from captum_clsemb.analysis import find_masks
 
-    files = ctx.images.files[: ctx.num_images]
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            found = []
+            for g in files:
+                rel = g.relative_to(root) if g.is_relative_to(root) else Path(g.name)
+                m = masks / rel.with_suffix(".png")
+                found.append(m if m.is_file() else None)
+            return found, f"sub-folder and file stem (stems repeat, e.g. {stems[f.stem].name} in two folders)"
+        stems[f.stem] = f
     try:
-        found = find_masks(masks, files)
+        return find_masks(masks, files), "file stem"
     except InputValidationError as e:
         raise CLIError(f"--masks {masks}: {e}") from e
+
+
+def check_masks(ctx: ReportContext, masks: str | Path) -> dict:
+    """Match the masks to the run's images; one clear error before the long work.
+
+    Returns ``{"dir", "files" (per image file index: mask path or None), "geometry",
+    "num_matched", "matched_by"}``.
+    """
+    files = ctx.images.files[: ctx.num_images]
+    found, how = _match(Path(masks), Path(ctx.images_root), files)
     matched = sum(f is not None for f in found)
     if matched == 0:
-        example = f" (e.g. {files[0].name} needs {files[0].stem}.png)" if files else ""
+        f = files[0] if files else None
+        example = ""
+        if f is not None:
+            rel = f.relative_to(ctx.images_root) if f.is_relative_to(ctx.images_root) else Path(f.name)
+            want = f"{f.stem}.png" if how == "file stem" else str(rel.with_suffix(".png"))
+            example = f" (e.g. {rel} needs {want})"
         raise CLIError(
-            f"--masks {masks}: no mask PNG matches an image of --images by file stem{example}; name each mask "
+            f"--masks {masks}: no mask PNG matches an image of --images by {how}{example}; name each mask "
             "after its image"
         )
     return {
@@ -75,6 +97,7 @@ def check_masks(ctx: ReportContext, masks: str | Path) -> dict:
         "files": found,
         "geometry": _geometry(ctx.loaded.transform),
         "num_matched": matched,
+        "matched_by": how,
     }
 
 
@@ -138,6 +161,7 @@ def class_context_section(ctx: ReportContext) -> SectionResult:
     numbers = {
         "masks": info["dir"],
         "num_images_with_mask": info["num_matched"],
+        "matched_by": info["matched_by"],
         "num_images_without_mask": ctx.num_images - info["num_matched"],
         "threshold": THRESHOLD,
         "object": "any labelled mask id (not 0 background, not 1000 ignore)",
@@ -155,8 +179,8 @@ def class_context_section(ctx: ReportContext) -> SectionResult:
         ])  # fmt: skip
     res = SectionResult(title, jsonable(numbers), key=key)
     res.paragraphs = [
-        f"Segmentation masks from {info['dir']} matched {info['num_matched']} of the {ctx.num_images} images by file "
-        f"stem (the others are left out of this section). A token is class-labelled when the object (any labelled "
+        f"Segmentation masks from {info['dir']} matched {info['num_matched']} of the {ctx.num_images} images by "
+        f"{info['matched_by']} (the others are left out of this section). A token is class-labelled when the object (any labelled "
         f"mask id) covers at least {THRESHOLD:.0%} of its patch after the model's own resize and crop, else "
         f"context-labelled: {pooled.num_tokens['class']} class and {pooled.num_tokens['context']} context tokens, "
         f"{pooled.num_images_with_both} images with both. Targets: {ctx.targets}."
