@@ -477,36 +477,54 @@ def _claims(passes: list[ModelPass], models: list[dict]) -> list[Claim]:
         if tr is not None:
             sig = significant_blocks(tr)
             rnd = m["random_init"]["mean_identifiability_per_block"]["image_tokens"]
-            out.append(Claim(
-                "identifiability_above_random_init", "Image tokens are more identifiable in the trained model than "
-                "in its random-init copy, block by block (Fig. 2).",
-                "Fig. 2: identifiability rises over the blocks, far above the random-init model (last-block rate "
-                "60.73% vs 0.066%).",
-                f"last block: mean r {interval(m['mean_identifiability_per_block']['image_tokens'], 'score', nb - 1)} "
-                f"vs {interval(rnd, 'score', nb - 1)} random init",
-                tr, None if block_p(tr, nb - 1) is None else nb in sig, f"significant at {block_list(sig, nb)} ({test_summary(tr, nb - 1)} at the last block)",
-                anchor, name,
-            ))  # fmt: skip
+            out.append(
+                Claim(
+                    "identifiability_above_random_init",
+                    "Image tokens are more identifiable in the trained model than "
+                    "in its random-init copy, block by block (Fig. 2).",
+                    "Fig. 2: identifiability rises over the blocks, far above the random-init model (last-block rate "
+                    "60.73% vs 0.066%).",
+                    f"last block: mean r {interval(m['mean_identifiability_per_block']['image_tokens'], 'score', nb - 1)} "
+                    f"vs {interval(rnd, 'score', nb - 1)} random init",
+                    tr,
+                    None if block_p(tr, nb - 1) is None else nb in sig,
+                    f"significant at {block_list(sig, nb)} ({test_summary(tr, nb - 1)} at the last block)",
+                    anchor,
+                    name,
+                )
+            )
         ch = t["identifiability_rate_vs_chance"]
         sig = significant_blocks(ch)
-        out.append(Claim(
-            "identifiability_above_chance", "The last-block identifiability rate is higher than chance (1/|C|).",
-            "Table 1: 52.09-90.35% for seven ViTs, chance 0.1% (1000 classes); 'significantly higher than chance'.",
-            f"{interval(m['identifiability_rate_last_block_percent'])} vs chance {number(m['chance_identifiability_rate_percent'])}",
-            ch, None if block_p(ch, nb - 1) is None else nb in sig, f"{test_summary(ch, nb - 1)} at the last block; significant at {block_list(sig, nb)}",
-            anchor, name,
-        ))  # fmt: skip
+        out.append(
+            Claim(
+                "identifiability_above_chance",
+                "The last-block identifiability rate is higher than chance (1/|C|).",
+                "Table 1: 52.09-90.35% for seven ViTs, chance 0.1% (1000 classes); 'significantly higher than chance'.",
+                f"{interval(m['identifiability_rate_last_block_percent'])} vs chance {number(m['chance_identifiability_rate_percent'])}",
+                ch,
+                None if block_p(ch, nb - 1) is None else nb in sig,
+                f"{test_summary(ch, nb - 1)} at the last block; significant at {block_list(sig, nb)}",
+                anchor,
+                name,
+            )
+        )
         anyt = t.get("images_with_identifiable_token_vs_random_init")
         if anyt is not None:
             holds = None if anyt["p_value"] is None else anyt["p_value"] < ALPHA
-            out.append(Claim(
-                "images_with_identifiable_token_above_random_init",
-                "More images hold a last-block image token that identifies the class than in the random-init model.",
-                "ViT-B/32: 95.58% of images vs 1.27% in the random-init model (higher than its 81.71% top-1).",
-                f"{interval(m['images_with_identifiable_token_percent'])} vs "
-                f"{interval(m['random_init']['images_with_identifiable_token_percent'])} random init",
-                anyt, holds, test_summary(anyt), anchor, name,
-            ))  # fmt: skip
+            out.append(
+                Claim(
+                    "images_with_identifiable_token_above_random_init",
+                    "More images hold a last-block image token that identifies the class than in the random-init model.",
+                    "ViT-B/32: 95.58% of images vs 1.27% in the random-init model (higher than its 81.71% top-1).",
+                    f"{interval(m['images_with_identifiable_token_percent'])} vs "
+                    f"{interval(m['random_init']['images_with_identifiable_token_percent'])} random init",
+                    anyt,
+                    holds,
+                    test_summary(anyt),
+                    anchor,
+                    name,
+                )
+            )
     return out
 
 

@@ -617,18 +617,21 @@ def _mechanism_claims(numbers: dict, nb: int, edit_names: tuple[str, ...]) -> li
     for layer in LAYERS:
         t = cva[layer]["test_trained_vs_random_init"]
         sig = significant_blocks(t)
-        out.append(Claim(
-            f"class_value_agreement_above_random_init_{layer}",
-            f"{LAYER_NAMES[layer]} value vectors agree more with the class embeddings than in the random-init model, "
-            "in deeper blocks (Fig. 4a).",
-            "Significantly higher than random init in deeper blocks, for attention and MLP.",
-            f"last block {interval(cva[layer]['mean_per_block'], 'score', nb - 1)} vs "
-            f"{interval(cva[layer]['random_init_mean_per_block'], 'score', nb - 1)} random init",
-            t, any(b in sig for b in deep),
-            f"significant at {block_list(sig, nb)} (deeper blocks: {block_list(deep, nb)}); "
-            f"{test_summary(t, nb - 1)} at the last block",
-            "mechanisms",
-        ))  # fmt: skip
+        out.append(
+            Claim(
+                f"class_value_agreement_above_random_init_{layer}",
+                f"{LAYER_NAMES[layer]} value vectors agree more with the class embeddings than in the random-init model, "
+                "in deeper blocks (Fig. 4a).",
+                "Significantly higher than random init in deeper blocks, for attention and MLP.",
+                f"last block {interval(cva[layer]['mean_per_block'], 'score', nb - 1)} vs "
+                f"{interval(cva[layer]['random_init_mean_per_block'], 'score', nb - 1)} random init",
+                t,
+                any(b in sig for b in deep),
+                f"significant at {block_list(sig, nb)} (deeper blocks: {block_list(deep, nb)}); "
+                f"{test_summary(t, nb - 1)} at the last block",
+                "mechanisms",
+            )
+        )
     kva = numbers["key_value_agreement"]["mlp"]
     t = kva["tests_correct_vs_misclassified"]["all"]
     pen = max(1, nb - 1)
@@ -637,54 +640,71 @@ def _mechanism_claims(numbers: dict, nb: int, edit_names: tuple[str, ...]) -> li
         holds, verdict = None, f"Mann-Whitney U: {t.get('note', 'undefined')}"
     else:
         holds, verdict = p <= ALPHA, f"{test_summary(t, pen - 1)} at block {pen}"
-    out.append(Claim(
-        "key_value_agreement_correct_above_misclassified",
-        "In the penultimate MLP block, correctly classified images have higher key-value agreement than "
-        "misclassified ones (Sec. 6).",
-        "Significantly higher for correct images in the penultimate MLP layers (all variants but GAP).",
-        f"block {pen}: {number(kva['rate_correct_percent']['all'][pen - 1])} correct vs "
-        f"{number(kva['rate_misclassified_percent']['all'][pen - 1])} misclassified "
-        f"({kva['num_correct']} and {kva['num_misclassified']} images)",
-        t, holds, verdict, "mechanisms",
-    ))  # fmt: skip
+    out.append(
+        Claim(
+            "key_value_agreement_correct_above_misclassified",
+            "In the penultimate MLP block, correctly classified images have higher key-value agreement than "
+            "misclassified ones (Sec. 6).",
+            "Significantly higher for correct images in the penultimate MLP layers (all variants but GAP).",
+            f"block {pen}: {number(kva['rate_correct_percent']['all'][pen - 1])} correct vs "
+            f"{number(kva['rate_misclassified_percent']['all'][pen - 1])} misclassified "
+            f"({kva['num_correct']} and {kva['num_misclassified']} images)",
+            t,
+            holds,
+            verdict,
+            "mechanisms",
+        )
+    )
     tests = numbers["class_similarity_change_tests"]
     t = tests.get("attn_image_above_chance")
     if t is not None:
         sig = significant_blocks(t)
         cls_sig = significant_blocks(tests.get("attn_cls_above_chance"))
-        out.append(Claim(
-            "attention_class_similarity_change_above_chance",
-            "Attention raises the target class in more than half of the image tokens in at least some blocks "
-            "(Fig. 3b).",
-            "Attention above chance (50%) during at least some processing stages, more so for the class token.",
-            f"highest block rate {number(max(numbers['class_similarity_change_rate_percent']['attn']['image']))}",
-            t, None if block_p(t, 0) is None else bool(sig), f"image tokens significant at {block_list(sig, nb)}; class token at {block_list(cls_sig, nb)}",
-            "mechanisms",
-        ))  # fmt: skip
+        out.append(
+            Claim(
+                "attention_class_similarity_change_above_chance",
+                "Attention raises the target class in more than half of the image tokens in at least some blocks "
+                "(Fig. 3b).",
+                "Attention above chance (50%) during at least some processing stages, more so for the class token.",
+                f"highest block rate {number(max(numbers['class_similarity_change_rate_percent']['attn']['image']))}",
+                t,
+                None if block_p(t, 0) is None else bool(sig),
+                f"image tokens significant at {block_list(sig, nb)}; class token at {block_list(cls_sig, nb)}",
+                "mechanisms",
+            )
+        )
     edits = numbers["attention_edits"]
     d = edits["self_only"]
     t = d["test_unedited_vs_edited"]
     p = block_p(t, nb - 1)
-    out.append(Claim(
-        "self_only_attention_erases_identifiability",
-        "Image tokens that attend only to themselves lose their class identifiability (Sec. 5).",
-        "Last-block identifiability rate 60.73% -> 0.12%.",
-        f"{interval(d['unedited_rate_percent_ci'], 'percent', nb - 1)} -> {interval(d['rate_percent_ci'], 'percent', nb - 1)}",
-        t, None if p is None else p <= ALPHA, f"{test_summary(t, nb - 1)} at the last block", "mechanisms",
-    ))  # fmt: skip
+    out.append(
+        Claim(
+            "self_only_attention_erases_identifiability",
+            "Image tokens that attend only to themselves lose their class identifiability (Sec. 5).",
+            "Last-block identifiability rate 60.73% -> 0.12%.",
+            f"{interval(d['unedited_rate_percent_ci'], 'percent', nb - 1)} -> {interval(d['rate_percent_ci'], 'percent', nb - 1)}",
+            t,
+            None if p is None else p <= ALPHA,
+            f"{test_summary(t, nb - 1)} at the last block",
+            "mechanisms",
+        )
+    )
     if "no_cls" in edits:
         d = edits["no_cls"]
         t = d["test_unedited_vs_edited"]
         p = block_p(t, nb - 1)
-        out.append(Claim(
-            "no_cls_attention_keeps_identifiability",
-            "Removing the image tokens' attention to the class token leaves their identifiability unchanged (Sec. 5).",
-            "Last-block identifiability rate 60.73% -> 60.71%.",
-            f"{interval(d['unedited_rate_percent_ci'], 'percent', nb - 1)} -> {interval(d['rate_percent_ci'], 'percent', nb - 1)}",
-            t, None if p is None else p > ALPHA,
-            f"{test_summary(t, nb - 1)} at the last block (two-sided; holds when no significant change)",
-            "mechanisms",
-        ))  # fmt: skip
+        out.append(
+            Claim(
+                "no_cls_attention_keeps_identifiability",
+                "Removing the image tokens' attention to the class token leaves their identifiability unchanged (Sec. 5).",
+                "Last-block identifiability rate 60.73% -> 60.71%.",
+                f"{interval(d['unedited_rate_percent_ci'], 'percent', nb - 1)} -> {interval(d['rate_percent_ci'], 'percent', nb - 1)}",
+                t,
+                None if p is None else p > ALPHA,
+                f"{test_summary(t, nb - 1)} at the last block (two-sided; holds when no significant change)",
+                "mechanisms",
+            )
+        )
     return out
 
 
@@ -893,14 +913,19 @@ def _comparison_claims(tests: dict, auc_ci: dict) -> list[Claim]:
                 continue
             sec, found = paper[(base, mode)]
             better = "higher" if mode == "negative" else "lower"
-            out.append(Claim(
-                f"perturbation_auc_{mode}_better_than_{base.lower()}",
-                f"ClassEmbeddingGradient's {mode} perturbation AUC is {better} (better) than with {names[base]} "
-                f"({sec}).",
-                f"Significantly better; {found}.",
-                f"{interval(auc_ci['ClassEmbeddingGradient'][mode], 'auc')} vs {interval(auc_ci[base][mode], 'auc')}",
-                t, None if t["p_value"] is None else t["p_value"] < ALPHA, test_summary(t), "perturbation_comparison",
-            ))  # fmt: skip
+            out.append(
+                Claim(
+                    f"perturbation_auc_{mode}_better_than_{base.lower()}",
+                    f"ClassEmbeddingGradient's {mode} perturbation AUC is {better} (better) than with {names[base]} "
+                    f"({sec}).",
+                    f"Significantly better; {found}.",
+                    f"{interval(auc_ci['ClassEmbeddingGradient'][mode], 'auc')} vs {interval(auc_ci[base][mode], 'auc')}",
+                    t,
+                    None if t["p_value"] is None else t["p_value"] < ALPHA,
+                    test_summary(t),
+                    "perturbation_comparison",
+                )
+            )
     return out
 
 
