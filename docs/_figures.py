@@ -28,6 +28,9 @@ from captum_clsemb.analysis import (
     ValueVectorProjector,
     attention_edit_effect,
     class_similarity_change_rate,
+    compare_models,
+    per_image_identifiability,
+    random_init_copy,
     residual_match_rate,
 )
 from captum_clsemb.attr.attention_rollout import AttentionRollout
@@ -44,6 +47,7 @@ from captum_clsemb.viz.mechanisms import (
     plot_class_value_agreement,
     plot_residual_match,
 )
+from captum_clsemb.viz.models import plot_model_comparison
 
 # An airplane, a cat and a horse of the bundled images (20 per class, ordered by class).
 SHOWN = [0, 60, 140]
@@ -260,3 +264,13 @@ def attention_perturbation() -> None:
         curves.setdefault("unperturbed", effect["clean"]["rate"]["image"])
         curves[edit] = effect["edited"]["rate"]["image"]
     _show(plot_identifiability_curves(curves, stat="rate", title="image tokens, identifiability rate"))
+
+
+def model_comparison() -> None:
+    model, images, labels, _ = _demo()
+    trained = per_image_identifiability(model, images, target=labels, name="bundled ViT")
+    baseline = per_image_identifiability(random_init_copy(model, seed=0), images, target=labels)
+    comparison = compare_models(
+        {"bundled ViT": trained}, baselines={"bundled ViT": baseline}, n_resamples=2000
+    )
+    _show(plot_model_comparison(comparison, title=f"Trained vs random-init copy, {len(images)} images"))

@@ -128,7 +128,7 @@ def test_mathjax_is_shipped_with_the_pages(built: Path) -> None:
 def test_method_pages_show_a_figure_made_during_the_build(built: Path) -> None:
     from PIL import Image
 
-    assert len(METHOD_PAGES) == 13 and "attributions/class_embedding_gradient" in METHOD_PAGES
+    assert len(METHOD_PAGES) == 14 and "attributions/class_embedding_gradient" in METHOD_PAGES
     for name in METHOD_PAGES:
         html = (built / f"{name}.html").read_text()
         # images written by the plot directive: computed by docs/_figures.py at build time
