@@ -29,6 +29,13 @@ from captum_clsemb.viz.identifiability import plot_identifiability_curves  # noq
 
 _LAYER_COLORS = {"attn": "tab:orange", "mlp": "tab:blue"}
 _GROUP_STYLES = {"cls": "-", "image": "--", "all": ":"}
+_GROUP_NAMES = {"cls": "class token", "image": "image tokens", "all": "all tokens"}
+
+
+def _group_name(group: str) -> str:
+    return _GROUP_NAMES.get(group, f"{group} tokens")
+
+
 _MATCH_COLORS = {"attn": "tab:orange", "mlp": "tab:blue", "residual": "tab:gray", "composite": "tab:green"}
 
 
@@ -103,7 +110,7 @@ def plot_class_similarity_change(
             v = _np(values)
             n = len(v)
             ax.plot(_blocks(n), v, marker="o", color=_LAYER_COLORS.get(layer), linestyle=_GROUP_STYLES.get(group, "-"),
-                    label=f"{layer}, {group} tokens")  # fmt: skip
+                    label=f"{layer}, {_group_name(group)}")  # fmt: skip
             band = (ci or {}).get(layer, {}).get(group)
             if band is not None:
                 draw_band(ax, _blocks(n), band, _LAYER_COLORS.get(layer))
@@ -290,7 +297,7 @@ def plot_key_value_agreement(
                     continue
                 v = _np(r[key])
                 marker = "o" if group != "cls" else "s"
-                label = f"{layer}, {group} tokens" + (f", {suffix}" if suffix else "")
+                label = f"{layer}, {_group_name(group)}" + (f", {suffix}" if suffix else "")
                 ax.plot(
                     _blocks(len(v)),
                     v,
@@ -306,7 +313,7 @@ def plot_key_value_agreement(
             if base is not None:
                 b = _np(base)
                 ax.plot(_blocks(len(b)), b, color=_LAYER_COLORS.get(layer), linestyle="-.", linewidth=1,
-                        label=f"{layer}, {group} tokens: {baseline_label}")  # fmt: skip
+                        label=f"{layer}, {_group_name(group)}: {baseline_label}")  # fmt: skip
     _block_axis(ax)
     ax.set_ylabel("key-value agreement rate (%)")
     ax.set_ylim(0, 100)

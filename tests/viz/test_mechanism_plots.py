@@ -164,8 +164,8 @@ def test_class_value_agreement_boxes_and_key_value_lines() -> None:
         for layer in ("attn", "mlp")
     }
     lines = lines_by_label(plot_key_value_agreement(rates))
-    assert set(lines) == {"attn, image tokens", "attn, cls tokens", "mlp, image tokens", "mlp, cls tokens"}
-    np.testing.assert_allclose(lines["attn, cls tokens"], rates["attn"]["cls"].numpy())
+    assert set(lines) == {"attn, image tokens", "attn, class token", "mlp, image tokens", "mlp, class token"}
+    np.testing.assert_allclose(lines["attn, class token"], rates["attn"]["cls"].numpy())
     lines = lines_by_label(plot_key_value_agreement(rates, groups=("image",), split=True))
     np.testing.assert_allclose(
         lines["mlp, image tokens, misclassified"], rates["mlp"]["image_incorrect"].numpy()
