@@ -869,7 +869,7 @@ def comparison_section(ctx: ReportContext, num_images: int = 40) -> SectionResul
                 ["comparison", "one-sided Wilcoxon signed-rank test"],
                 test_rows,
                 "Per-image AUCs of the two orders on the same images; negative test: greater is better, positive "
-                "test: less is better.",
+                "test: less is better; n: images whose two AUCs differ (ties drop out of the signed-rank test).",
             )
         )
     out.claims = _comparison_claims(tests, auc_ci)

@@ -196,7 +196,7 @@ def plot_class_value_agreement(
         agreement = {"": agreement}
         baseline = None if baseline is None else {"": baseline}
     layers = list(layers) if layers is not None else list(agreement)
-    fig = Figure(figsize=(5.0 * len(layers), 3.5), layout="constrained")
+    fig = Figure(figsize=(5.0 * len(layers), 4.0), layout="constrained")
     axes = fig.subplots(1, len(layers), squeeze=False)[0]
     for ax, layer in zip(axes, layers):
         trained = _np(agreement[layer])
@@ -245,7 +245,15 @@ def plot_class_value_agreement(
         ax.set_ylabel("class-value agreement (max cosine)")
         if layer:
             ax.set_title(layer)
-        ax.legend(handles, labels, fontsize="small")
+        ax.legend(
+            handles,
+            labels,
+            fontsize="small",
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            ncol=3,
+            frameon=False,
+        )
     if title:
         fig.suptitle(title)
     return fig
