@@ -49,11 +49,17 @@ def test_bundled_report_in_chromium(bundled_report: Path, tmp_path: Path) -> Non
         explorer.scroll_into_view_if_needed()
         page.hover('.clsemb-ex-patch[data-token="28"]')  # row 4, column 4 of the 8 x 8 grid
         assert page.inner_text(".clsemb-ex-token-title").startswith("patch row 4, column 4")
-        shown = page.eval_on_selector_all(".clsemb-ex-top .clsemb-ex-name", "els => els.map(e => e.textContent)")
+        shown = page.eval_on_selector_all(
+            ".clsemb-ex-top .clsemb-ex-name", "els => els.map(e => e.textContent)"
+        )
         assert len(shown) == 5 and len(set(shown)) == 5 and set(shown) <= names
         page.hover('.clsemb-ex-patch[data-token="1"]')
-        other = page.eval_on_selector_all(".clsemb-ex-top .clsemb-ex-name", "els => els.map(e => e.textContent)")
-        assert len(other) == 5 and page.inner_text(".clsemb-ex-token-title").startswith("patch row 1, column 1")
+        other = page.eval_on_selector_all(
+            ".clsemb-ex-top .clsemb-ex-name", "els => els.map(e => e.textContent)"
+        )
+        assert len(other) == 5 and page.inner_text(".clsemb-ex-token-title").startswith(
+            "patch row 1, column 1"
+        )
 
         # one screenshot per section, as a reader sees it
         for sid in page.eval_on_selector_all("body > section", "els => els.map(e => e.id)"):
