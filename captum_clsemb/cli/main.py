@@ -32,10 +32,20 @@ MODEL_HELP = (
 )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model options that ``clsemb report`` and ``clsemb compare`` share."""
+def add_model_arguments(parser: argparse.ArgumentParser, repeatable: bool = False) -> None:
+    """The model options that ``clsemb report`` and ``clsemb compare`` share.
+
+    ``repeatable``: ``--model`` may be given several times (the report compares the models).
+    """
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="demo", help=MODEL_HELP)
+    if repeatable:
+        group.add_argument(
+            "--model", action="append", help=MODEL_HELP + ". Repeat --model to compare several models (Fig. 2 "
+            "over normalised depth, Table 1, each against its random-init copy); the other sections analyse the "
+            "first; --checkpoint then does not apply",
+        )  # fmt: skip
+    else:
+        group.add_argument("--model", default="demo", help=MODEL_HELP)
     group.add_argument(
         "--checkpoint",
         metavar="FILE",
@@ -78,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report", help="HTML/PNG/JSON report of identifiability (and more) for a model and images"
     )
-    add_model_arguments(rep)
+    add_model_arguments(rep, repeatable=True)
+    rep.add_argument("--masks", help="folder of segmentation masks (ImageNet-S style PNG, class id = R + 256 G, or "
+                                     "single-channel PNG), matched to the images by file stem: adds the class- "
+                                     "versus context-token section (paper Fig. 3a)")  # fmt: skip
     rep.add_argument("--images", help=IMAGES_HELP)
     rep.add_argument("--labels", help=LABELS_HELP)
     rep.add_argument("--out", default="clsemb-report", help="output folder (default: clsemb-report)")
@@ -180,13 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device, batch_size=args.batch_size, max_images=args.max_images,
                 progress=not args.no_progress, num_workers=args.num_workers,
                 section_names=[n.strip() for n in args.sections.split(",") if n.strip()],
-                compare_images=args.compare_images, overwrite=args.overwrite,
+                compare_images=args.compare_images, overwrite=args.overwrite, masks=args.masks,
             )  # fmt: skip
             if not data:  # a non-zero rank of a distributed run
                 return 0
             ident = data["sections"].get("class_identifiability_across_blocks", {})
             acc = ident.get("top1_accuracy")
-            print(f"report written to {args.out}/report.html (figures *.png, numbers report.json)")
+            print(f"report written to {args.out}/report.html (figures *.png and *.svg, numbers report.json)")
             if acc is not None:
                 print(f"top-1 accuracy {acc * 100:.2f}%, last-block identifiability rate "
                       f"{ident['identifiability_rate_last_block_percent']:.2f}%")  # fmt: skip

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
-import html
+import contextlib
 import io
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,27 +31,66 @@ from captum_clsemb.cli.loading import (
     write_json,
 )
 from captum_clsemb.cli.output import OutputDir
-from captum_clsemb.stream import (
-    IdentifiabilityAccumulator,
-    ShardSampler,
-    broadcast_object,
-    gather_objects,
-    score_batch,
-    world,
+from captum_clsemb.cli.report_format import (
+    ALPHA,
+    CONFIDENCE,
+    STATS_SETTINGS,
+    Claim,
+    ReportTable,
 )
-from captum_clsemb.viz.identifiability import plot_identifiability_curves, plot_token_maps
+from captum_clsemb.stream import ShardSampler, broadcast_object, gather_objects, world
 
 log = logging.getLogger("captum_clsemb")
 
 
 @dataclass
 class SectionResult:
-    """What a report section contributes: numbers for the JSON, figures, and a short text."""
+    """What a report section contributes: numbers for the JSON, figures with captions, tables and claims.
+
+    ``key`` is the section's snake_case name in ``report.json`` (default: from the title);
+    ``captions`` maps a figure name to ``(heading, caption)``; ``paragraphs`` are plain text
+    shown before the tables; ``claims`` are the paper's claims tested in the section.
+    """
 
     title: str
     numbers: dict = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
     text: str = ""
+    key: str = ""
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[ReportTable] = field(default_factory=list)
+    captions: dict[str, tuple[str, str]] = field(default_factory=dict)
+    claims: list[Claim] = field(default_factory=list)
+    # data of the interactive token explorer (cli.explorer.explorer_data), shown after the section
+    explorer: dict | None = None
+
+    @property
+    def section_key(self) -> str:
+        return self.key or snake_case(self.title)
+
+
+def snake_case(text: str) -> str:
+    """A snake_case identifier from a title: ``"Key-value memories (Sec. 6)"`` -> ``key_value_memories_sec_6``."""
+    return "_".join(re.findall(r"[a-z0-9]+", text.lower())) or "section"
+
+
+class _Bar:
+    """One progress bar for a phase of the report (rank 0 only), with a known total."""
+
+    def __init__(self, name: str, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled and world()[0] == 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=max(total, 0), desc=name, unit="batch", leave=False)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @dataclass
@@ -71,11 +111,40 @@ class ReportContext:
     num_sample_images: int = 6
     # what the targets are (ground-truth labels / predicted class), set by the identifiability section
     targets: str = "ground-truth labels"
+    # the model's name in tables and plots (its --model value)
+    name: str = "demo"
+    # further --model values: the identifiability section compares them with this one
+    others: list[ReportContext] = field(default_factory=list)
+    # --masks folder: the class-vs-context section (mask file per image, by file stem)
+    masks: dict | None = None
+    # the --images folder
+    images_root: str = ""
+    _bar: _Bar | None = None
+
+    # number of --model values of the run (progress bars name the model when there are several)
+    num_models: int = 1
 
     @property
     def num_images(self) -> int:
         n = len(self.images.files)
         return n if self.max_images is None else min(n, self.max_images)
+
+    def num_batches(self, shard: bool = True) -> int:
+        """Batches of one pass over the images (this rank's shard, or all images)."""
+        rank, size = world()
+        n = len(range(rank, self.num_images, size)) if shard else self.num_images
+        return -(-n // self.batch_size)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, total: int) -> Iterator[_Bar]:
+        """A progress bar named after a phase of the report; :meth:`batches` inside it advance it."""
+        bar = _Bar(name, total, self.progress)
+        previous, self._bar = self._bar, bar
+        try:
+            yield bar
+        finally:
+            self._bar = previous
+            bar.close()
 
     def batches(
         self, desc: str, shard: bool = True
@@ -84,6 +153,7 @@ class ReportContext:
 
         ``shard``: under ``torch.distributed``, only this rank's shard (else every image).
         Unusable files (unreadable, non-finite) are recorded in ``images.skipped`` and left out.
+        Inside :meth:`phase` every batch advances the phase's bar; else the pass has its own.
         """
         subset = torch.utils.data.Subset(
             ImageFileDataset(self.images, self.loaded.transform), range(self.num_images)
@@ -93,18 +163,20 @@ class ReportContext:
             subset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
             num_workers=self.num_workers,
         )  # fmt: skip
-        it = iter(loader)
-        if self.progress and world()[0] == 0:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, total=len(loader), desc=desc, unit="batch", leave=False)
-        for x, labels, paths, skipped, index in it:
-            for item in skipped:  # sections stream the images again: report each file once
-                if item not in self.images.skipped:
-                    log.warning("skipping image %s: %s", *item)
-                    self.images.skipped.append(item)
-            if x is not None:
-                yield x, labels, paths, index
+        own = self._bar is None
+        bar = _Bar(desc, len(loader), self.progress) if own else self._bar
+        try:
+            for x, labels, paths, skipped, index in loader:
+                bar.update()
+                for item in skipped:  # sections stream the images again: report each file once
+                    if item not in self.images.skipped:
+                        log.warning("skipping image %s: %s", *item)
+                        self.images.skipped.append(item)
+                if x is not None:
+                    yield x, labels, paths, index
+        finally:
+            if own:
+                bar.close()
 
     def class_name(self, index: int) -> str:
         names = self.loaded.class_names or self.images.class_names
@@ -124,91 +196,10 @@ def targets_description(num_labelled: int, num_images: int) -> str:
 
 
 def identifiability_section(ctx: ReportContext) -> SectionResult:
-    """Accuracy, identifiability rates, Fig. 2 curves and token maps, streamed over the images."""
-    adapter = ctx.adapter
-    nb, p = adapter.num_blocks, adapter.num_prefix_tokens
-    rank, _ = world()
-    acc = IdentifiabilityAccumulator(adapter)
-    # sample slot k: the first usable image among files k * stride .. (k + 1) * stride - 1, so that
-    # the samples do not depend on batching or sharding
-    stride = max(1, ctx.num_images // ctx.num_sample_images)
-    samples: dict[int, tuple] = {}
-    for x, labels, paths, index in ctx.batches("identifiability"):
-        x, labels = x.to(ctx.device), labels.to(ctx.device)
-        scores, pred, target = score_batch(adapter, x, labels)
-        acc.update(scores, pred, labels)
-        for i, j in enumerate(index):
-            slot = j // stride
-            if slot < ctx.num_sample_images and slot not in samples:
-                # clone: a view would keep (and, under torchrun, send) the whole batch
-                samples[slot] = (
-                    j,
-                    x[i].detach().cpu().clone(),
-                    int(target[i]),
-                    bool(labels[i] >= 0),
-                    paths[i],
-                    scores[i].detach().cpu().clone(),
-                )
-    acc.all_reduce()
-    if acc.num_images == 0:
-        example = (
-            f" (e.g. {ctx.images.skipped[0][0]}: {ctx.images.skipped[0][1]})" if ctx.images.skipped else ""
-        )
-        raise CLIError(f"no usable images: all {ctx.num_images} file(s) were skipped{example}")
-    merged: dict[int, tuple] = {}
-    for part in gather_objects(samples):  # every rank's candidates; the lowest file index wins
-        for slot, item in part.items():
-            if slot not in merged or item[0] < merged[slot][0]:
-                merged[slot] = item
-    chosen = [merged[k] for k in sorted(merged)]
-    if chosen:
-        ctx.sample_images = torch.stack([c[1] for c in chosen])
-        ctx.sample_labels = torch.tensor([c[2] for c in chosen])
-        ctx.sample_labelled = torch.tensor([c[3] for c in chosen])
-        ctx.sample_paths = [c[4] for c in chosen]
-    numbers = acc.result()
-    ctx.targets = targets_description(numbers["num_labelled"], numbers["num_images"])
-    numbers["targets"] = ctx.targets
-    curves = numbers["mean_identifiability_per_block"]
-    rate = numbers["identifiability_rate_per_block_percent"]
-    n_images = numbers["num_images"]
-    figures = {}
-    if rank == 0:  # only rank 0 writes the report
-        figures["identifiability_curves"] = plot_identifiability_curves(
-            curves, chance=numbers["chance_mean_identifiability"], title="Class identifiability per block"
-        )
-    if chosen:
-        blocks = sorted({round(i * (nb - 1) / 3) for i in range(4)}) if nb > 4 else list(range(nb))
-        numbers["token_map_blocks"] = [b + 1 for b in blocks]
-        numbers["token_map_images"] = [str(pth) for pth in ctx.sample_paths]
-        if rank == 0:
-            titles = [
-                f"{Path(pth).name}: {ctx.class_name(int(t))}" + ("" if known else " (predicted)")
-                for pth, t, known in zip(ctx.sample_paths, ctx.sample_labels, ctx.sample_labelled)
-            ]
-            mean, std = _norm_stats(ctx.loaded)
-            figures["token_maps"] = plot_token_maps(
-                torch.stack([c[5] for c in chosen]),
-                ctx.sample_images,
-                adapter.grid_size,
-                p,
-                blocks,
-                titles,
-                mean,
-                std,
-            )
-    top1 = numbers["top1_accuracy"]
-    text = (
-        f"{n_images} images; top-1 accuracy {top1 * 100:.2f}% (over the {numbers['num_labelled']} labelled). "
-        if top1 is not None
-        else f"{n_images} images (no labels: accuracy unknown). "
-    ) + (
-        f"Targets: {ctx.targets}. "
-        f"Last-block identifiability rate (image tokens whose top-1 class in class embedding space is the target): "
-        f"{rate[-1]:.2f}% (chance {100 / adapter.num_classes:.1f}%); images with at least one such token: "
-        f"{numbers['images_with_identifiable_token_percent']:.2f}%."
-    )
-    return SectionResult("Class identifiability across blocks", numbers, figures, text)
+    """Table 1, Fig. 2 against the random-init copy, and token maps (see :mod:`captum_clsemb.cli.identifiability`)."""
+    from captum_clsemb.cli.identifiability import identifiability_section as section
+
+    return section(ctx)
 
 
 def _norm_stats(loaded: LoadedModel) -> tuple[list[float] | None, list[float] | None]:
@@ -230,25 +221,39 @@ Section = Callable[[ReportContext], SectionResult]
 
 SECTION_NAMES = ("identifiability", "explanations", "mechanisms", "comparison")
 
+
+def _figure_files(*names: str) -> tuple[str, ...]:
+    """Every figure is written as PNG and SVG."""
+    return tuple(f"{n}.{ext}" for n in names for ext in ("png", "svg"))
+
+
 # the files each section may write (checked against --out before the run)
 REPORT_FILES = ("report.html", "report.json")
 SECTION_FILES = {
-    "identifiability": ("identifiability_curves.png", "token_maps.png"),
-    "explanations": ("explanation_block_head_grid.png", "global_maps.png"),
-    "mechanisms": (
-        "class_value_agreement.png",
-        "key_value_agreement.png",
-        "class_similarity_change.png",
-        "residual_match.png",
+    "identifiability": _figure_files("identifiability_curves", "identifiability_rate", "token_maps"),
+    "explanations": _figure_files("explanation_block_head_grid", "global_maps"),
+    "mechanisms": _figure_files(
+        "class_value_agreement",
+        "key_value_agreement",
+        "class_similarity_change",
+        "residual_match",
+        "attention_edits",
     ),
-    "comparison": ("perturbation_curves.png",),
+    "comparison": _figure_files("perturbation_curves"),
+    "class_context": _figure_files("class_context"),
 }
 
 
-def default_sections(names: Sequence[str] = SECTION_NAMES, compare_images: int = 20) -> list[Section]:
-    """The report's sections by name; identifiability always runs first (others reuse its sample images)."""
+def default_sections(
+    names: Sequence[str] = SECTION_NAMES, compare_images: int = 20, masks: str | Path | None = None
+) -> list[Section]:
+    """The report's sections by name; identifiability always runs first (others reuse its sample images).
+
+    ``masks`` (a folder of segmentation masks) adds the class-vs-context section (paper Fig. 3a).
+    """
     import functools
 
+    from captum_clsemb.cli.masks import class_context_section
     from captum_clsemb.cli.sections import comparison_section, explanations_section, mechanisms_section
 
     unknown = set(names) - set(SECTION_NAMES)
@@ -259,64 +264,149 @@ def default_sections(names: Sequence[str] = SECTION_NAMES, compare_images: int =
         "mechanisms": mechanisms_section,
         "comparison": functools.partial(comparison_section, num_images=compare_images),
     }
-    chosen = [identifiability_section]
+    chosen: list[Section] = [identifiability_section]
     for name in SECTION_NAMES[1:]:
         if name in names and not (name == "comparison" and compare_images <= 0):
             chosen.append(table[name])
+        if name == "mechanisms" and masks is not None:
+            chosen.append(class_context_section)
     return chosen
 
 
-def _png(fig: Figure) -> bytes:
+def _save(fig: Figure, fmt: str) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight")
     return buf.getvalue()
 
 
+def _jsonable(value: object) -> object:
+    """numpy and torch numbers -> plain Python for report.json."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _describe_model(description: str) -> str:
+    """A model description with fractions of accuracy in the report's percent format."""
+    return re.sub(r"(top-1 )(0\.\d+)", lambda m: f"{m.group(1)}{100 * float(m.group(2)):.1f}%", description)
+
+
 def write_report(results: list[SectionResult], ctx: ReportContext, out: Path) -> dict:
-    """Write report.html (figures embedded), the PNG figures and report.json; return the JSON dict."""
+    """Write report.html (from the package's Jinja2 template, figures embedded), every figure as PNG
+    and SVG, and report.json; return the JSON dict."""
     out.mkdir(parents=True, exist_ok=True)
+    claims = [c for res in results for c in res.claims]
     data: dict = {
         "model": ctx.loaded.description,
+        "models": [ctx.name, *[o.name for o in ctx.others]],
         "adapter": repr(ctx.adapter),
+        "images": ctx.images_root,
         "skipped_files": [{"file": f, "reason": r} for f, r in ctx.images.skipped],
+        "statistics": {
+            "confidence_intervals": f"percentile bootstrap over images, {int(100 * CONFIDENCE)}%",
+            "alpha": ALPHA,
+            **STATS_SETTINGS,
+        },
+        "claims": [c.to_dict() for c in claims],
         "sections": {},
     }
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>clsemb report</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}</style></head><body>",
-        "<h1>Class embedding space report</h1>",
-        f"<p><b>Model:</b> {html.escape(ctx.loaded.description)}<br><code>{html.escape(repr(ctx.adapter))}</code></p>",
-    ]
-    if ctx.images.skipped:
-        items = "".join(f"<li>{html.escape(f)}: {html.escape(r)}</li>" for f, r in ctx.images.skipped)
-        parts.append(f"<p><b>Skipped {len(ctx.images.skipped)} unreadable file(s):</b></p><ul>{items}</ul>")
+    sections = []
     for res in results:
-        key = res.title.lower().replace(" ", "_")
-        data["sections"][key] = res.numbers
-        parts.append(f"<h2>{html.escape(res.title)}</h2><p>{html.escape(res.text)}</p>")
-        scalar = {k: v for k, v in res.numbers.items() if isinstance(v, (int, float, str)) and v is not None}
-        if scalar:
-            rows = "".join(
-                f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float)
-                else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
-                for k, v in scalar.items()
-            )  # fmt: skip
-            parts.append(f"<table>{rows}</table>")
+        key = res.section_key
+        data["sections"][key] = _jsonable(res.numbers)
+        figures = []
         for name, fig in res.figures.items():
-            png = _png(fig)
+            png = _save(fig, "png")
             (out / f"{name}.png").write_bytes(png)
-            parts.append(f"<h3>{html.escape(name.replace('_', ' '))}</h3>")
-            parts.append(f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-    parts.append("</body></html>")
-    (out / "report.html").write_text("\n".join(parts))
+            (out / f"{name}.svg").write_bytes(_save(fig, "svg"))
+            heading, caption = res.captions.get(name, (name.replace("_", " ").capitalize(), ""))
+            figures.append(
+                {"name": name, "title": heading, "caption": caption, "png": base64.b64encode(png).decode()}
+            )
+        paragraphs = list(res.paragraphs) or ([res.text] if res.text else [])
+        sections.append(
+            {
+                "key": key,
+                "title": res.title,
+                "paragraphs": paragraphs,
+                "tables": res.tables,
+                "figures": figures,
+                "html": None,
+            }
+        )
+        if res.explorer is not None:
+            sections.append(_explorer_section(res.explorer))
+    html_text = render_report(
+        {
+            "model": _describe_model(ctx.loaded.description),
+            "models": [(c.name, _describe_model(c.loaded.description)) for c in (ctx, *ctx.others)],
+            "adapter": repr(ctx.adapter),
+            "num_images": ctx.num_images,
+            "images": data["images"],
+            "targets": ctx.targets,
+            "num_classes": ctx.adapter.num_classes,
+            "skipped": ctx.images.skipped,
+            "claims": claims,
+            "sections": sections,
+            "settings": STATS_SETTINGS,
+            "alpha": ALPHA,
+        }
+    )
+    (out / "report.html").write_text(html_text, encoding="utf-8")
     write_json(out / "report.json", data)
     return data
 
 
+def _explorer_section(data: dict) -> dict:
+    """The token explorer (an interactive HTML partial with its data embedded) as a report section."""
+    from markupsafe import Markup
+
+    from captum_clsemb.cli.explorer import render_explorer
+
+    n = len(data["images"])
+    return {
+        "key": "token_explorer",
+        "title": "Token explorer",
+        "paragraphs": [
+            f"The {n} sample images of the token maps, with every token's classes at every block. Pick an image and "
+            "a block, then hover over (or click) a patch, or the class token's button, to see that token's top-"
+            f"{data['top_k']} classes in class embedding space with their scores (softmax probability of the "
+            "projected state) and its identifiability r of the image's target class across all blocks. Patches "
+            "are shaded by r at the chosen block. The target is the label, or the predicted class where the image "
+            "has no label."
+        ],
+        "tables": [],
+        "figures": [],
+        "html": Markup(render_explorer(data)),
+    }
+
+
+def render_report(context: dict) -> str:
+    """report.html from the package's template ``templates/report.html.j2``."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return env.get_template("report.html.j2").render(**context)
+
+
 def run_report(
-    model: str = "demo",
+    model: str | Sequence[str] | None = "demo",
     checkpoint: str | None = None,
     random_init: bool = False,
     classes: str | None = None,
@@ -333,24 +423,38 @@ def run_report(
     section_names: Sequence[str] = SECTION_NAMES,
     compare_images: int = 20,
     overwrite: bool = False,
+    masks: str | Path | None = None,
 ) -> dict:
     r"""Run the report and write it to ``out``; returns the JSON data.
 
-    With no arguments: the bundled CIFAR-10 model on its bundled images. Under ``torchrun``
-    (an initialised ``torch.distributed`` process group) every rank processes its share of
-    the work, the numbers are combined exactly over ranks and rank 0 writes the report
-    (other ranks return ``{}``). ``out`` is checked before any work starts and written
-    atomically (see :class:`~captum_clsemb.cli.output.OutputDir`); ``overwrite`` allows a
-    non-empty folder without earlier clsemb output (its files are left untouched).
-    ``checkpoint``, ``random_init``, ``classes`` and ``templates`` say how to load ``model``
-    (:class:`~captum_clsemb.cli.loading.ModelOptions`; the ``clsemb`` model options).
+    With no arguments: the bundled CIFAR-10 model on its bundled images, compared with its
+    random-init copy. ``model`` may list several models: their identifiability curves share
+    one plot over normalised depth, with a Table 1 row each; the other sections analyse the
+    first one. ``masks``: a folder of segmentation masks (ImageNet-S style or single-channel
+    PNGs) matched to the images by file stem, for the class-vs-context section.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group) every rank
+    processes its share of the work, the numbers are combined exactly over ranks and rank 0
+    writes the report (other ranks return ``{}``). ``out`` is checked before any work starts
+    and written atomically (see :class:`~captum_clsemb.cli.output.OutputDir`); ``overwrite``
+    allows a non-empty folder without earlier clsemb output (its files are left untouched).
+    ``checkpoint``, ``random_init``, ``classes`` and ``templates`` say how to load each
+    ``model`` (:class:`~captum_clsemb.cli.loading.ModelOptions`; the ``clsemb`` model options).
     """
+    specs = _model_specs(model)
+    if checkpoint and len(specs) > 1:
+        raise CLIError(
+            f"--checkpoint applies to a single --model, got {len(specs)} models; run the models with their own "
+            "checkpoints one at a time, or save each as a Hugging Face folder and pass the folders"
+        )
     check_positive(batch_size, "--batch-size")
     check_positive(max_images, "--max-images")
     check_positive(num_workers, "--num-workers", minimum=0)
     check_positive(compare_images, "--compare-images", minimum=0)
+    if masks is not None and not Path(masks).is_dir():
+        raise CLIError(f"--masks {masks}: folder not found")
     dev = resolve_device(device)
-    chosen = sections or default_sections(section_names, compare_images)
+    chosen = sections or default_sections(section_names, compare_images, masks)
     if images is None:
         from captum_clsemb.demo import DEMO_IMAGES_DIR
 
@@ -360,6 +464,8 @@ def run_report(
     planned = set(REPORT_FILES)
     for name in SECTION_FILES if sections else ["identifiability", *section_names]:
         planned.update(SECTION_FILES.get(name, ()))
+    if masks is not None:
+        planned.update(SECTION_FILES["class_context"])
     rank, size = world()
     output = OutputDir(out, "report", planned, overwrite) if rank == 0 else None
     error = None
@@ -373,8 +479,8 @@ def run_report(
         raise CLIError(error)
     try:
         options = ModelOptions(checkpoint, random_init, classes, templates)
-        data = _compute_report(model, options, images, labels, out, dev, batch_size, max_images, chosen,
-                               progress, num_workers, output)  # fmt: skip
+        data = _compute_report(specs, options, images, labels, out, dev, batch_size, max_images, chosen,
+                               progress, num_workers, output, masks)  # fmt: skip
     except BaseException:
         if output is not None:
             output.discard()
@@ -384,8 +490,19 @@ def run_report(
     return data
 
 
+def _model_specs(model: str | Sequence[str] | None) -> list[str]:
+    """The --model values: one or several, each once."""
+    specs = ["demo"] if model is None else [model] if isinstance(model, str) else list(model)
+    if not specs:
+        specs = ["demo"]
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise CLIError(f"--model {twice[0]} is given twice; give each model once")
+    return specs
+
+
 def _compute_report(
-    model: str,
+    specs: list[str],
     options: ModelOptions,
     images: str,
     labels: str | None,
@@ -397,19 +514,44 @@ def _compute_report(
     progress: bool,
     num_workers: int,
     output: OutputDir | None,
+    masks: str | Path | None = None,
 ) -> dict:
-    loaded = load_model(model, options)
-    try:
-        loaded.model.to(dev)
-    except (RuntimeError, AssertionError) as e:
-        raise CLIError(f"device {str(dev)!r} is not available: {str(e).splitlines()[0]}") from e
-    adapter = adapt(loaded.model)
-    image_set = find_images(
-        images, labels, loaded.class_names, adapter.num_classes, exclude=(out,), class_ids=loaded.class_ids
-    )
-    ctx = ReportContext(
-        loaded, adapter, image_set, dev, batch_size, max_images, progress, num_workers=num_workers
-    )
+    contexts = []
+    for spec in specs:
+        loaded = load_model(spec, options)
+        try:
+            loaded.model.to(dev)
+        except (RuntimeError, AssertionError) as e:
+            raise CLIError(f"device {str(dev)!r} is not available: {str(e).splitlines()[0]}") from e
+        adapter = adapt(loaded.model)
+        image_set = find_images(
+            images,
+            labels,
+            loaded.class_names,
+            adapter.num_classes,
+            exclude=(out,),
+            class_ids=loaded.class_ids,
+        )
+        contexts.append(
+            ReportContext(
+                loaded,
+                adapter,
+                image_set,
+                dev,
+                batch_size,
+                max_images,
+                progress,
+                num_workers=num_workers,
+                name=spec,
+            )  # fmt: skip
+        )
+    ctx, ctx.others = contexts[0], contexts[1:]
+    for c in contexts:
+        c.images_root, c.num_models = str(images), len(contexts)
+    if masks is not None:
+        from captum_clsemb.cli.masks import check_masks
+
+        ctx.masks = check_masks(ctx, masks)  # before the long work: one clear error
     results = []
     for section in sections:
         start = time.perf_counter()
@@ -417,7 +559,8 @@ def _compute_report(
         res.numbers["seconds"] = round(time.perf_counter() - start, 2)
         results.append(res)
     # every rank saw a shard: gather the skipped files (in a fixed order); rank 0 writes
-    image_set.skipped = sorted({tuple(item) for part in gather_objects(image_set.skipped) for item in part})
+    for c in contexts:
+        c.images.skipped = sorted({tuple(item) for part in gather_objects(c.images.skipped) for item in part})
     if output is None:
         return {}
     assert output.tmp is not None

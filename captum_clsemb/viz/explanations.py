@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from captum_clsemb.errors import InputValidationError
+from captum_clsemb.viz._common import add_colorbar, captum_cmap, captum_scale_label
 
 _SIGN_FILTERS = {
     "all": lambda a: a,
@@ -118,6 +119,7 @@ def plot_block_head_grid(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     title: str | None = None,
+    colorbar: bool = True,
 ) -> Figure:
     r"""A grid of per-block, per-head maps over one image (rows: blocks, columns: heads).
 
@@ -139,8 +141,11 @@ def plot_block_head_grid(
         panel_size: inches per panel.
         mean, std: the preprocessing's normalisation, to undo it on ``image``.
         title: figure title.
+        colorbar: add one colour bar for all panels (Captum's colour map for ``sign``), labelled
+            with the per-panel normalisation. Default: True.
     Returns:
-        a matplotlib ``Figure`` (not shown; no pyplot state) with num_blocks x num_heads axes.
+        a matplotlib ``Figure`` (not shown; no pyplot state) with num_blocks x num_heads axes
+        (and, with ``colorbar``, the colour bar's axes last).
 
     Examples::
 
@@ -177,7 +182,19 @@ def plot_block_head_grid(
                 ax.set_ylabel(f"block {row_labels[r]}", fontsize=8)
     if title:
         fig.suptitle(title)
+    if colorbar:
+        _colorbar(fig, axes, method, sign, cmap, outlier_perc)
     return fig
+
+
+def _colorbar(
+    fig: Figure, axes: object, method: str, sign: str, cmap: str | None, outlier_perc: float
+) -> None:
+    """The shared colour bar of Captum-drawn panels: each panel is normalised on its own."""
+    if method not in ("blended_heat_map", "heat_map"):  # masks and alpha scaling have no colour map
+        return
+    cm, vmin, vmax = captum_cmap(sign, cmap)
+    add_colorbar(fig, axes, cm, vmin, vmax, captum_scale_label(sign, outlier_perc), shrink=0.6, pad=0.02)
 
 
 def plot_global_map(
@@ -193,6 +210,7 @@ def plot_global_map(
     std: Sequence[float] | None = None,
     title: str | None = None,
     fig_size: tuple[float, float] = (3.2, 3.2),
+    colorbar: bool = True,
 ) -> Figure:
     r"""One global map over one image, optionally beside the image itself.
 
@@ -207,8 +225,11 @@ def plot_global_map(
         mean, std: the preprocessing's normalisation, to undo it on ``image``.
         title: title of the map panel.
         fig_size: inches per panel.
+        colorbar: add a colour bar to the map panel, labelled with its normalisation.
+            Default: True.
     Returns:
-        a matplotlib ``Figure`` with 2 axes (image, map), or 1 with ``show_image=False``.
+        a matplotlib ``Figure`` with 2 axes (image, map), or 1 with ``show_image=False``
+        (and, with ``colorbar``, the colour bar's axes last).
     """
     m = _as_tensor(attr_map)
     while m.dim() > 2 and m.shape[0] == 1:
@@ -229,6 +250,8 @@ def plot_global_map(
             title="image", use_pyplot=False,
         )  # fmt: skip
     _draw_panel(fig, axes[-1], up, img, method, sign, cmap, alpha_overlay, outlier_perc, title)
+    if colorbar:
+        _colorbar(fig, axes[-1], method, sign, cmap, outlier_perc)
     return fig
 
 
@@ -243,6 +266,7 @@ def plot_method_grid(
     alpha_overlay: float = 0.5,
     outlier_perc: float = 2,
     panel_size: float = 1.6,
+    colorbar: bool = True,
 ) -> Figure:
     r"""Global maps of several explanation methods side by side (rows: images, columns: methods).
 
@@ -252,8 +276,11 @@ def plot_method_grid(
         titles: one label per image (row).
         method, sign, alpha_overlay, outlier_perc: passed to
             :func:`captum.attr.visualization.visualize_image_attr` for every panel.
+        colorbar: add one colour bar for all map panels, labelled with the per-panel
+            normalisation (each method's map is scaled on its own). Default: True.
     Returns:
-        a matplotlib ``Figure`` with N rows and 1 + len(maps) columns (image first).
+        a matplotlib ``Figure`` with N rows and 1 + len(maps) columns (image first), and
+        with ``colorbar`` the colour bar's axes last.
     """
     n, names = images.shape[0], list(maps)
     fig = Figure(figsize=(panel_size * (len(names) + 1), panel_size * n + 0.4))
@@ -272,4 +299,6 @@ def plot_method_grid(
     for ax in axes.flat:
         ax.title.set_fontsize(7)
     fig.tight_layout()
+    if colorbar:
+        _colorbar(fig, list(axes.flat), method, sign, None, outlier_perc)
     return fig

@@ -93,12 +93,16 @@ def plot_token_maps(
     titles: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    scale: str = "absolute",
+    colorbar: bool = True,
+    cmap: str = "Greens",
+    alpha_overlay: float = 0.6,
 ) -> Figure:
     r"""Identifiability of every image token over the image, for chosen blocks.
 
-    Each panel goes through :func:`captum.attr.visualization.visualize_image_attr`
-    (``blended_heat_map``, ``sign="positive"``) after upsampling the token grid with
-    :meth:`captum.attr.LayerAttribution.interpolate`.
+    Each panel blends the grayscale image with the token scores on the patch grid (nearest
+    upsampling, :meth:`captum.attr.LayerAttribution.interpolate`), as Captum's
+    ``blended_heat_map``.
 
     Args:
         scores: (N, num_blocks, T) identifiability scores.
@@ -107,16 +111,30 @@ def plot_token_maps(
         num_prefix_tokens: tokens to drop before reshaping to the grid.
         blocks: block indices to show (columns).
         titles: one row title per image.
+        mean, std: the preprocessing's normalisation, to undo it on ``images``.
+        scale: ``"absolute"`` (default): every panel on the same fixed scale 0..1 of the
+            score :math:`r = 1 - \mathrm{rank}/|C|`, so that panels and blocks compare
+            directly; ``"panel"``: each panel drawn by Captum's ``visualize_image_attr``
+            (``sign="positive"``, ``outlier_perc=0``), i.e. divided by its own maximum.
+        colorbar: add one colour bar for all panels, labelled with the scale. Default: True.
+        cmap: colour map of the scores. Default: ``"Greens"`` (Captum's for positive maps).
+        alpha_overlay: opacity of the scores over the image. Default: 0.6.
     Returns:
-        a matplotlib Figure with N rows and len(blocks) + 1 columns.
+        a matplotlib Figure with N rows and len(blocks) + 1 columns (and, with
+        ``colorbar``, the colour bar's axes last).
     """
     from captum.attr import LayerAttribution
     from captum.attr import visualization as viz
 
+    from captum_clsemb.viz._common import add_colorbar
+
+    if scale not in ("absolute", "panel"):
+        raise InputValidationError(f"scale must be 'absolute' or 'panel', got {scale!r}")
     n, cols = scores.shape[0], len(blocks) + 1
-    fig = Figure(figsize=(1.9 * cols, 1.9 * n))
+    fig = Figure(figsize=(1.9 * cols + (0.6 if colorbar else 0.0), 1.9 * n))
     h, w = grid
     size = tuple(images.shape[-2:])
+    panels = []
     for i in range(n):
         img = to_hwc_image(images[i], mean, std)
         ax = fig.add_subplot(n, cols, i * cols + 1)
@@ -127,9 +145,24 @@ def plot_token_maps(
             tok = scores[i, b, num_prefix_tokens:].reshape(1, 1, h, w).float()
             up = LayerAttribution.interpolate(tok, size, "nearest")[0, 0].numpy()
             ax = fig.add_subplot(n, cols, i * cols + j + 2)
-            # outlier_perc=0: Captum scales each panel by its maximum score (no clipping).
-            viz.visualize_image_attr(up[..., None], img, method="blended_heat_map", sign="positive",
-                                     plt_fig_axis=(fig, ax), use_pyplot=False, outlier_perc=0, alpha_overlay=0.6)  # fmt: skip
+            panels.append(ax)
+            if scale == "panel":
+                # outlier_perc=0: Captum scales each panel by its maximum score (no clipping).
+                viz.visualize_image_attr(up[..., None], img, method="blended_heat_map", sign="positive",
+                                         plt_fig_axis=(fig, ax), use_pyplot=False, outlier_perc=0,
+                                         alpha_overlay=alpha_overlay, cmap=cmap)  # fmt: skip
+            else:
+                ax.imshow(np.mean(img, axis=2), cmap="gray")
+                ax.imshow(up, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha_overlay)
+                ax.set_xticks([])
+                ax.set_yticks([])
             ax.set_title(f"block {b + 1}" if i == 0 else "", fontsize=7)
     fig.tight_layout()
+    if colorbar and panels:
+        label = (
+            "identifiability score r = 1 - rank/|C|\n(1: target class ranked first; same scale in every panel)"
+            if scale == "absolute"
+            else "score / panel maximum"
+        )
+        add_colorbar(fig, list(fig.axes), cmap, 0.0, 1.0, label, shrink=0.8, pad=0.02)
     return fig

@@ -83,9 +83,10 @@ def test_report_and_compare_share_the_model_options() -> None:
     expected = {"checkpoint": "w.pth", "random_init": True, "classes": "c.txt", "templates": "t.txt"}
     for command in ("report", "compare"):
         args = parser.parse_args([command, *argv])
-        assert args.model == "hf:o/n" and model_options(args) == expected
+        # report's --model is repeatable (several models in one report): a list
+        assert args.model == (["hf:o/n"] if command == "report" else "hf:o/n") and model_options(args) == expected
         defaults = parser.parse_args([command])
-        assert defaults.model == "demo"
+        assert defaults.model == (None if command == "report" else "demo")  # report: None is the demo model
         assert model_options(defaults) == {"checkpoint": None, "random_init": False, "classes": None, "templates": None}  # fmt: skip
 
 
@@ -175,7 +176,7 @@ def test_report_on_a_local_dinov2_folder_and_a_checkpoint(
     acc, rate, curve = _expected(model, x, y)
     assert sec["top1_accuracy"] == pytest.approx(acc)
     assert sec["identifiability_rate_last_block_percent"] == pytest.approx(rate, abs=1e-6)
-    assert sec["mean_identifiability_per_block"]["image tokens"] == pytest.approx(curve, abs=1e-6)
+    assert sec["mean_identifiability_per_block"]["image_tokens"] == pytest.approx(curve, abs=1e-6)
 
     # --checkpoint: other weights for the same architecture
     other = small_dinov2(num_labels=10)
@@ -198,8 +199,8 @@ def test_report_on_a_local_dinov2_folder_and_a_checkpoint(
     assert f"weights from {tmp_path / 'w.pth'}" in data2["model"]
     acc2, rate2, curve2 = _expected(other.eval(), x, y)
     assert sec2["identifiability_rate_last_block_percent"] == pytest.approx(rate2, abs=1e-6)
-    assert sec2["mean_identifiability_per_block"]["image tokens"] == pytest.approx(curve2, abs=1e-6)
-    assert sec2["mean_identifiability_per_block"]["image tokens"] != pytest.approx(curve, abs=1e-3)
+    assert sec2["mean_identifiability_per_block"]["image_tokens"] == pytest.approx(curve2, abs=1e-6)
+    assert sec2["mean_identifiability_per_block"]["image_tokens"] != pytest.approx(curve, abs=1e-3)
 
 
 def _save_image_text_model(kind: str, folder: Path) -> torch.nn.Module:
@@ -237,7 +238,7 @@ def test_report_on_a_clip_folder_with_classes_and_templates(image_dir: Path, tmp
     acc, rate, curve = _expected(zs, _processor_pixels(folder, _files(image_dir)), _labels(image_dir))
     assert sec["top1_accuracy"] == pytest.approx(acc)
     assert sec["identifiability_rate_last_block_percent"] == pytest.approx(rate, abs=1e-6)
-    assert sec["mean_identifiability_per_block"]["image tokens"] == pytest.approx(curve, abs=1e-6)
+    assert sec["mean_identifiability_per_block"]["image_tokens"] == pytest.approx(curve, abs=1e-6)
 
     # one-line errors, before any work: no --classes; a template without {}; --classes on timm
     capsys.readouterr()
@@ -339,7 +340,7 @@ def test_random_init_timm_report_offline_with_imagenet_folders(tmp_path: Path) -
     acc, rate, curve = _expected(model, x, torch.tensor([1, 1, 0, 0]))
     assert sec["top1_accuracy"] == pytest.approx(acc)
     assert sec["identifiability_rate_last_block_percent"] == pytest.approx(rate, abs=1e-5)
-    assert sec["mean_identifiability_per_block"]["image tokens"] == pytest.approx(curve, abs=1e-5)
+    assert sec["mean_identifiability_per_block"]["image_tokens"] == pytest.approx(curve, abs=1e-5)
 
 
 @pytest.mark.parametrize(

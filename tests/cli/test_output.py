@@ -88,9 +88,9 @@ def test_non_empty_folder_needs_overwrite_and_keeps_other_files(tmp_path: Path, 
     assert set(manifest["files"]) == {
         "report.html",
         "report.json",
-        "identifiability_curves.png",
-        "token_maps.png",
-    }
+        *(f"{name}.{ext}" for name in ("identifiability_curves", "identifiability_rate", "token_maps")
+          for ext in ("png", "svg")),
+    }  # fmt: skip
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest
 

@@ -82,7 +82,7 @@ def _assert_same_numbers(a: object, b: object, path: str = "") -> None:
     """Equal structure and values; floats within 1e-6; timings are left out."""
     if isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), (path, sorted(set(a) ^ set(b)))
-        for k in set(a) - {"seconds", "seconds_per_method", "table_markdown"}:
+        for k in set(a) - {"seconds", "ms_per_image"}:  # timings
             _assert_same_numbers(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b), path
@@ -111,11 +111,13 @@ def test_two_process_report_equals_the_single_process_report(tmp_path: Path) -> 
     assert set(single["sections"]) == {
         "class_identifiability_across_blocks",
         "explanations",
-        "mechanisms:_value_vectors_and_key-value_memories",
-        "perturbation_comparison_(token_removal_auc)",
+        "mechanisms",
+        "perturbation_comparison",
     }
     assert single["sections"]["class_identifiability_across_blocks"]["num_images"] == 41
-    assert single["sections"]["perturbation_comparison_(token_removal_auc)"]["num_images"] == 6
+    assert single["sections"]["perturbation_comparison"]["num_images"] == 6
+    # the intervals and tests are computed on per-image values gathered from both processes
+    assert len(single["claims"]) >= 8 and all(c["test"]["p_value"] is not None for c in single["claims"])
     _assert_same_numbers(dist, single)
     # the per-image figures show the same images
     names = sorted(p.name for p in (tmp_path / "single").iterdir())

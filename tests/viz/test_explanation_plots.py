@@ -18,6 +18,16 @@ from captum_clsemb.viz import explanations  # noqa: E402
 from captum_clsemb.viz.explanations import plot_block_head_grid, plot_global_map  # noqa: E402
 
 
+def colorbar_axes(fig: Figure):
+    """The colour bar: the last axes, labelled with the per-panel normalisation."""
+    return fig.axes[-1]
+
+
+def colorbar_range(fig: Figure) -> tuple[float, float]:
+    cax = colorbar_axes(fig)
+    return cax.get_ylim()
+
+
 def test_block_head_grid_layout_and_captum_panels(monkeypatch: pytest.MonkeyPatch) -> None:
     model = small_timm()
     x = images(1)
@@ -32,21 +42,29 @@ def test_block_head_grid_layout_and_captum_panels(monkeypatch: pytest.MonkeyPatc
     )
     fig = plot_block_head_grid(maps, image, title="t")
     assert isinstance(fig, Figure)
-    assert len(fig.axes) == 3 * 4
+    assert len(fig.axes) == 3 * 4 + 1  # the panels, then one colour bar for all of them
+    # signed maps: Captum's red-white-green map over [-1, 1], and the per-panel normalisation is stated
+    assert colorbar_range(fig) == (-1.0, 1.0)
+    label = colorbar_axes(fig).get_ylabel()
+    assert "98%" in label and "clipped to [-1, 1]" in label
     assert len(calls) == 12 and all(k["use_pyplot"] is False for _, k in calls)
     # Each panel gets the bilinearly upsampled map of its block and head, at image size.
     up = torch.nn.functional.interpolate(maps.double(), size=(32, 32), mode="bilinear")
     np.testing.assert_allclose(calls[1 * 4 + 2][0][..., 0], up[1, 2].numpy(), atol=1e-12)
     assert calls[5][1]["plt_fig_axis"] == (fig, fig.axes[5])
     assert fig.axes[4].get_ylabel() == "block 1" and fig.axes[2].get_title() == "head 2"
+    assert len(plot_block_head_grid(maps, image, colorbar=False).axes) == 3 * 4
 
 
 def test_grid_from_block_maps_numpy_image_and_zero_panel() -> None:
     maps = np.random.default_rng(0).normal(size=(3, 4, 4))
     maps[1] = np.abs(maps[1])  # no negative values in block 1
     img = np.random.default_rng(1).uniform(size=(16, 16, 3))
-    fig = plot_block_head_grid(maps, img, blocks=[9, 10, 11], sign="negative")
-    assert len(fig.axes) == 3 and fig.axes[0].get_ylabel() == "block 9"
+    fig = plot_block_head_grid(maps, img, blocks=[9, 10, 11], sign="negative", outlier_perc=5)
+    assert len(fig.axes) == 3 + 1 and fig.axes[0].get_ylabel() == "block 9"
+    assert colorbar_range(fig) == (0.0, 1.0) and "95%" in colorbar_axes(fig).get_ylabel()
+    # masks and alpha scaling have no colour map: no colour bar
+    assert len(plot_block_head_grid(np.abs(maps), img, method="alpha_scaling", sign="positive").axes) == 3
     assert "no negative values" in fig.axes[1].get_title()
 
 
@@ -56,11 +74,11 @@ def test_global_map() -> None:
     glob = ClassEmbeddingGradient(model).attribute(x, target=0)[0]  # (1, 4, 4)
     image = torch.rand(3, 32, 32)
     fig = plot_global_map(glob, image, title="global")
-    assert isinstance(fig, Figure) and len(fig.axes) == 2
-    assert fig.axes[1].get_title() == "global"
-    assert len(plot_global_map(glob[0].numpy(), image, show_image=False).axes) == 1
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 + 1
+    assert fig.axes[1].get_title() == "global" and colorbar_range(fig) == (-1.0, 1.0)
+    assert len(plot_global_map(glob[0].numpy(), image, show_image=False, colorbar=False).axes) == 1
     normalised = (image - 0.5) / 0.5
-    assert len(plot_global_map(glob, normalised, mean=(0.5,) * 3, std=(0.5,) * 3).axes) == 2
+    assert len(plot_global_map(glob, normalised, mean=(0.5,) * 3, std=(0.5,) * 3).axes) == 2 + 1
 
 
 def test_plot_errors() -> None:

@@ -37,11 +37,33 @@ def test_curves_chance_and_condition_names() -> None:
         plot_identifiability_curves(curves, stat="median")
 
 
-def test_token_maps_show_scores_on_the_grid() -> None:
+def test_token_maps_show_scores_on_one_absolute_scale() -> None:
     g = torch.Generator().manual_seed(2)
     scores = torch.rand(2, 3, 1 + 16, generator=g)  # (N, blocks, 1 + 4x4 tokens)
     images = torch.rand(2, 3, 16, 16, generator=g)
     fig = plot_token_maps(scores, images, grid=(4, 4), num_prefix_tokens=1, blocks=[0, 2])
+    shown = [ax.get_images()[-1] for ax in fig.axes if len(ax.get_images()) == 2]
+    assert len(shown) == 4
+    k = 0
+    for i in range(2):
+        for b in (0, 2):
+            # nearest upsampling of the 4x4 grid to 16x16, not rescaled: the same 0..1 scale in every panel
+            up = np.kron(scores[i, b, 1:].view(4, 4).numpy(), np.ones((4, 4)))
+            np.testing.assert_allclose(np.asarray(shown[k].get_array()), up, rtol=1e-6)
+            assert shown[k].get_clim() == (0.0, 1.0)
+            k += 1
+    # one colour bar for all panels, from 0 to 1, saying what r is
+    cbar = fig.axes[-1]
+    assert cbar.get_ylim() == (0.0, 1.0) and "r = 1 - rank/|C|" in cbar.get_ylabel()
+    with pytest.raises(InputValidationError, match="scale"):
+        plot_token_maps(scores, images, grid=(4, 4), num_prefix_tokens=1, blocks=[0], scale="global")
+
+
+def test_token_maps_scaled_per_panel_by_captum() -> None:
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(2, 3, 1 + 16, generator=g)  # (N, blocks, 1 + 4x4 tokens)
+    images = torch.rand(2, 3, 16, 16, generator=g)
+    fig = plot_token_maps(scores, images, grid=(4, 4), num_prefix_tokens=1, blocks=[0, 2], scale="panel")
     # blended_heat_map draws the grayscale image first, then the heat map on top
     shown = [np.asarray(ax.get_images()[-1].get_array()) for ax in fig.axes if len(ax.get_images()) == 2]
     # nearest upsampling of the 4x4 grid to 16x16, scaled by its maximum (outlier_perc=0), row by row
