@@ -32,6 +32,7 @@ from captum_clsemb.cli.report_format import (
     test_summary,
     undefined_test,
 )
+from captum_clsemb.errors import InputValidationError, UnsupportedModelError
 from captum_clsemb.stats import bootstrap_ci, mann_whitney_u, perturbation_auc_tests, wilcoxon_signed_rank
 from captum_clsemb.stream import gather_objects, world
 
@@ -112,20 +113,31 @@ def explanations_section(ctx: ReportContext) -> SectionResult:
     x, t = ctx.sample_images.to(ctx.device), ctx.sample_labels.to(ctx.device)
     mean, std = _norm_stats(ctx.loaded)
     n = min(4, x.shape[0])
-    ceg = ClassEmbeddingGradient(ctx.adapter)
-    methods = {
-        "ClassEmbeddingGradient": ceg,
-        "CheferRelevancy": CheferRelevancy(ctx.adapter),
-        "CheferGradientRollout": CheferGradientRollout(ctx.adapter),
-        "AttentionRollout": AttentionRollout(ctx.adapter),
-        "RawAttention": RawAttention(ctx.adapter),
-    }
+    methods, left_out = {}, {}
+    for cls in (
+        ClassEmbeddingGradient,
+        CheferRelevancy,
+        CheferGradientRollout,
+        AttentionRollout,
+        RawAttention,
+    ):
+        try:  # a method that is not defined for this family says why; the others still run
+            methods[cls.__name__] = cls(ctx.adapter)
+        except (InputValidationError, UnsupportedModelError) as e:
+            left_out[cls.__name__] = str(e)
+    if "ClassEmbeddingGradient" not in methods:
+        reasons = "; ".join(f"{m}: {r}" for m, r in left_out.items())
+        return SectionResult(title, key=key, text=f"Skipped: {reasons}")
+    ceg = methods["ClassEmbeddingGradient"]
     with ctx.phase("explanations", 1 + len(methods)) as bar:
         per_head = ceg.attribute(x[:1], target=t[:1], return_per="head")[0]  # (blocks, heads, h, w)
         bar.update()
         maps = {}
         for name, method in methods.items():
-            maps[name] = method.attribute(x[:n], target=t[:n]).detach().cpu()
+            try:
+                maps[name] = method.attribute(x[:n], target=t[:n]).detach().cpu()
+            except (InputValidationError, UnsupportedModelError) as e:
+                left_out[name] = str(e)
             bar.update()
     nb, nh = per_head.shape[:2]
     target_name = ctx.class_name(int(t[0]))
@@ -174,8 +186,9 @@ def explanations_section(ctx: ReportContext) -> SectionResult:
         "global map per method. Explanations are computed for the sample images of the identifiability section; "
         f"targets: {_sample_targets(ctx, n)}."
     )
-    res = SectionResult(title, {"images": [str(p) for p in ctx.sample_paths[:n]]}, figures, key=key)
-    res.paragraphs = [text]
+    numbers = {"images": [str(p) for p in ctx.sample_paths[:n]], "methods_left_out": left_out}
+    res = SectionResult(title, numbers, figures, key=key)
+    res.paragraphs = [text] + [f"{m} is left out for this model: {r}" for m, r in left_out.items()]
     res.captions = captions
     return res
 
@@ -963,4 +976,5 @@ def _compare_sharded(ctx: ReportContext, compare: Callable, methods: dict, x: Te
         score=first.score,
         protocol=first.protocol,
         explain_target=first.explain_target,
+        notes=first.notes,
     )
