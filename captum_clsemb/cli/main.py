@@ -176,9 +176,18 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # during start-up or after the run, outside the run's own handling
+        print("clsemb: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="clsemb: %(message)s")
     from captum_clsemb.cli.loading import CLIError
+    from captum_clsemb.cli.output import InterruptedAfterWriting
 
     started_group = False
     try:
@@ -221,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, InputValidationError, UnsupportedModelError) as e:
         print(f"clsemb: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except InterruptedAfterWriting:
+        print("clsemb: interrupted after the finished output was written to --out", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("clsemb: interrupted; --out was left as it was", file=sys.stderr)
         return 130

@@ -143,9 +143,18 @@ class _Lock:
         self.fd = None
 
 
+class InterruptedAfterWriting(KeyboardInterrupt):
+    """Ctrl-C arrived while the finished output was being moved into place: the new output is complete."""
+
+
 @contextlib.contextmanager
 def _deferred_interrupts() -> Iterator[None]:
-    """Hold back Ctrl-C / SIGTERM for the few renames that put a finished output in place."""
+    """Hold back Ctrl-C / SIGTERM for the few renames that put a finished output in place.
+
+    A Ctrl-C held back is raised afterwards as :class:`InterruptedAfterWriting` (directly, not
+    by re-sending the signal, which Python could deliver inside a finaliser and ignore); a
+    SIGTERM is re-sent, so the process still ends as the sender asked.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -158,8 +167,10 @@ def _deferred_interrupts() -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        if signal.SIGTERM in received:
+            os.kill(os.getpid(), signal.SIGTERM)
         if received:
-            os.kill(os.getpid(), received[0])
+            raise InterruptedAfterWriting()
 
 
 class OutputDir:
