@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_clsemb.adapters import ModelAdapter, adapt
@@ -114,44 +115,76 @@ def run_block(
     kinds: frozenset[str],
     edit: AttentionEdit | None = None,
     token_index: Tensor | None = None,
+    internals: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One block of the decomposed forward; returns the block output and the requested kinds.
 
     ``token_index`` is the model-order index (N, T') of the sequence's tokens when tokens were
     dropped (None: the full sequence); position-dependent parts (``rope``, ``attn_bias``) read it.
+
+    When nothing reads or edits the attention probabilities (no ``"attn_probs"`` in ``kinds``,
+    no ``edit``, no ``internals``), attention runs as one fused
+    :func:`torch.nn.functional.scaled_dot_product_attention` call (the bias as an additive
+    float mask), which never materialises the (N, heads, T, T) probabilities. Otherwise the
+    probabilities are computed explicitly.
+
+    ``internals``, when given, is filled with the block's intermediate tensors for methods
+    that need more than the recordable kinds (LRP): ``norm1`` (the q/k/v input), ``q``, ``k``,
+    ``v`` (N, heads, T, head_dim, after any rope), ``attn_probs``, ``attn_z`` (the attention
+    output A v, (N, heads, T, head_dim)), ``proj_in``, ``proj_out`` (before ``attn_post``),
+    ``attn_out``, ``resid_mid``, ``norm2`` (the MLP input), ``fc1_out`` (before the
+    activation; absent when ``parts.mlp_in`` is set), ``mlp_keys``, ``fc2_in``, ``fc2_out``
+    (before ``mlp_post``), ``mlp_out``.
     """
     acts: dict[str, Tensor] = {}
     if "resid_pre" in kinds:
         acts["resid_pre"] = x
     n, t, _ = x.shape
-    q, k, v = parts.qkv(parts.norm1(x))
+    u1 = parts.norm1(x)
+    q, k, v = parts.qkv(u1)
     if parts.rope is not None:
         q, k = parts.rope(q, k, token_index)
-    if parts.scale_before_matmul:
-        scores = (q * parts.scale) @ k.transpose(-2, -1)
+    if "attn_probs" in kinds or edit is not None or internals is not None:
+        if parts.scale_before_matmul:
+            scores = (q * parts.scale) @ k.transpose(-2, -1)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * parts.scale
+        if parts.attn_bias is not None:
+            scores = scores + parts.attn_bias(token_index)
+        probs = scores.softmax(dim=-1)
+        if edit is not None:
+            edited = edit(block, probs)
+            if not isinstance(edited, Tensor) or edited.shape != probs.shape:
+                raise InputValidationError(
+                    f"attention_edit must return a tensor of shape {tuple(probs.shape)} for block {block}"
+                )
+            probs = edited
+        if "attn_probs" in kinds:
+            acts["attn_probs"] = probs
+        heads_out = probs @ v
     else:
-        scores = (q @ k.transpose(-2, -1)) * parts.scale
-    if parts.attn_bias is not None:
-        scores = scores + parts.attn_bias(token_index)
-    probs = scores.softmax(dim=-1)
-    if edit is not None:
-        edited = edit(block, probs)
-        if not isinstance(edited, Tensor) or edited.shape != probs.shape:
-            raise InputValidationError(
-                f"attention_edit must return a tensor of shape {tuple(probs.shape)} for block {block}"
-            )
-        probs = edited
-    if "attn_probs" in kinds:
-        acts["attn_probs"] = probs
-    z = (probs @ v).transpose(1, 2).reshape(n, t, -1)
+        # Fused attention: the probabilities are neither read nor edited.
+        bias = None if parts.attn_bias is None else parts.attn_bias(token_index).to(q.dtype)
+        heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=parts.scale)
+    z = heads_out.transpose(1, 2).reshape(n, t, -1)
     if "attn_keys" in kinds:
         acts["attn_keys"] = z
-    attn_out = parts.attn_post(parts.proj(parts.attn_out_norm(z)))
+    proj_in = parts.attn_out_norm(z)
+    proj_out = parts.proj(proj_in)
+    attn_out = parts.attn_post(proj_out)
     mid = x + attn_out
-    keys = parts.mlp_keys(parts.norm2(mid))
+    u2 = parts.norm2(mid)
+    if parts.mlp_in is None:
+        fc1_out = parts.fc1(u2)
+        keys = parts.act(fc1_out)
+    else:
+        fc1_out = None
+        keys = parts.mlp_in(u2)
     if "mlp_keys" in kinds:
         acts["mlp_keys"] = keys
-    mlp_out = parts.mlp_post(parts.fc2(parts.mlp_mid_norm(keys)))
+    fc2_in = parts.mlp_mid_norm(keys)
+    fc2_out = parts.fc2(fc2_in)
+    mlp_out = parts.mlp_post(fc2_out)
     out = mid + mlp_out
     if "attn_out" in kinds:
         acts["attn_out"] = attn_out
@@ -161,6 +194,14 @@ def run_block(
         acts["mlp_out"] = mlp_out
     if "resid_post" in kinds:
         acts["resid_post"] = out
+    if internals is not None:
+        internals.update(
+            norm1=u1, q=q, k=k, v=v, attn_probs=probs, attn_z=heads_out, proj_in=proj_in, proj_out=proj_out,
+            attn_out=attn_out, resid_mid=mid, norm2=u2, mlp_keys=keys, fc2_in=fc2_in, fc2_out=fc2_out,
+            mlp_out=mlp_out,
+        )  # fmt: skip
+        if fc1_out is not None:
+            internals["fc1_out"] = fc1_out
     return out, acts
 
 
@@ -186,12 +227,15 @@ def trace(
     on_block: BlockCallback | None = None,
     store: bool = True,
     grad: bool = False,
+    record_blocks: Iterable[int] | None = None,
 ) -> Trace:
     r"""Run one batched decomposed forward, recording activations by name.
 
-    The forward recomputes every block from the model's own modules, with attention
-    probabilities made explicit, so it needs no hooks and leaves fused attention settings
-    alone. Without interventions, ``trace(model, x).logits`` equals ``model(x)`` (eval mode).
+    The forward recomputes every block from the model's own modules, so it needs no hooks
+    and leaves the model's fused-attention settings alone. Attention probabilities are made
+    explicit only in blocks that record or edit them; the other blocks run PyTorch's fused
+    ``scaled_dot_product_attention``, which never materialises the (N, heads, T, T) matrix.
+    Without interventions, ``trace(model, x).logits`` equals ``model(x)`` (eval mode).
     The model is put in eval mode for the pass and its per-module train/eval flags are
     restored afterwards, also when an error is raised.
 
@@ -210,6 +254,9 @@ def trace(
         store: keep the recorded activations in the returned cache. Set False with
             ``on_block`` to hold only one block at a time.
         grad: build the autograd graph (for gradient methods). Default: False (no_grad).
+        record_blocks: record ``record`` only in these blocks (negatives count from the end);
+            the other blocks record nothing (and, unless edited, use fused attention), and
+            ``on_block`` gets an empty dict for them. Default: all blocks.
     Returns:
         :class:`Trace` with logits, cache and token index.
 
@@ -223,6 +270,18 @@ def trace(
     x = adapter.check_inputs(inputs)
     kinds = _record_kinds(record)
     edit = resolve_attention_edit(attention_edit, adapter, edit_blocks)
+    nb = adapter.num_blocks
+    if record_blocks is None:
+        recorded = set(range(nb))
+    else:
+        recorded = set()
+        for b in record_blocks:
+            if isinstance(b, bool) or not isinstance(b, int) or not -nb <= b < nb:
+                raise InputValidationError(
+                    f"record_blocks must hold block indices in {-nb}..{nb - 1} (the model has {nb} blocks), "
+                    f"got {b!r}"
+                )
+            recorded.add(b % nb)
     n = x.shape[0]
     cache = ActivationCache(adapter.num_blocks)
     with adapter.eval_mode(), torch.set_grad_enabled(grad):
@@ -233,8 +292,9 @@ def trace(
             token_index = keep_token_index(adapter, keep_tokens.to(h.device), n)
             h = h.gather(1, token_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
             dropped = token_index
-        for b in range(adapter.num_blocks):
-            h, acts = run_block(adapter.block(b), h, b, kinds, edit, token_index=dropped)
+        for b in range(nb):
+            block_kinds = kinds if b in recorded else frozenset()
+            h, acts = run_block(adapter.block(b), h, b, block_kinds, edit, token_index=dropped)
             if on_block is not None:
                 on_block(b, acts)
             if store:
