@@ -116,6 +116,7 @@ def run_block(
     edit: AttentionEdit | None = None,
     token_index: Tensor | None = None,
     internals: dict[str, Tensor] | None = None,
+    query_prefix: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One block of the decomposed forward; returns the block output and the requested kinds.
 
@@ -135,6 +136,12 @@ def run_block(
     ``attn_out``, ``resid_mid``, ``norm2`` (the MLP input), ``fc1_out`` (before the
     activation; absent when ``parts.mlp_in`` is set), ``mlp_keys``, ``fc2_in``, ``fc2_out``
     (before ``mlp_post``), ``mlp_out``.
+
+    ``query_prefix``, when given, computes the block's output only for the first
+    ``query_prefix`` tokens (queries; keys and values still come from the whole sequence), as
+    the last block needs for a classifier that reads only prefix tokens. The output and every
+    recorded kind and internal then hold only those tokens, except ``resid_pre``, ``norm1``,
+    ``k`` and ``v``; attention probabilities are (N, heads, query_prefix, T).
     """
     acts: dict[str, Tensor] = {}
     if "resid_pre" in kinds:
@@ -144,13 +151,16 @@ def run_block(
     q, k, v = parts.qkv(u1)
     if parts.rope is not None:
         q, k = parts.rope(q, k, token_index)
+    if query_prefix is not None:
+        q, x = q[:, :, :query_prefix], x[:, :query_prefix]
+        t = query_prefix
     if "attn_probs" in kinds or edit is not None or internals is not None:
         if parts.scale_before_matmul:
             scores = (q * parts.scale) @ k.transpose(-2, -1)
         else:
             scores = (q @ k.transpose(-2, -1)) * parts.scale
         if parts.attn_bias is not None:
-            scores = scores + parts.attn_bias(token_index)
+            scores = scores + _query_rows(parts.attn_bias(token_index), query_prefix)
         probs = scores.softmax(dim=-1)
         if edit is not None:
             edited = edit(block, probs)
@@ -164,7 +174,11 @@ def run_block(
         heads_out = probs @ v
     else:
         # Fused attention: the probabilities are neither read nor edited.
-        bias = None if parts.attn_bias is None else parts.attn_bias(token_index).to(q.dtype)
+        bias = (
+            None
+            if parts.attn_bias is None
+            else _query_rows(parts.attn_bias(token_index), query_prefix).to(q.dtype)
+        )
         heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=parts.scale)
     z = heads_out.transpose(1, 2).reshape(n, t, -1)
     if "attn_keys" in kinds:
@@ -203,6 +217,13 @@ def run_block(
         if fc1_out is not None:
             internals["fc1_out"] = fc1_out
     return out, acts
+
+
+def _query_rows(bias: Tensor, query_prefix: int | None) -> Tensor:
+    """The rows of an attention bias (..., T, T) for the first ``query_prefix`` queries."""
+    if query_prefix is None or bias.dim() < 2 or bias.shape[-2] == 1:
+        return bias
+    return bias[..., :query_prefix, :]
 
 
 def _record_kinds(record: str | Iterable[str]) -> frozenset[str]:
