@@ -290,8 +290,11 @@ def trace(
     adapter = adapt(model)
     x = adapter.check_inputs(inputs)
     kinds = _record_kinds(record)
+    if edit_blocks is not None:
+        edit_blocks = list(edit_blocks)  # read twice below
     edit = resolve_attention_edit(attention_edit, adapter, edit_blocks)
     nb = adapter.num_blocks
+    edited = None if edit is None or edit_blocks is None else set(edit_blocks)
     if record_blocks is None:
         recorded = set(range(nb))
     else:
@@ -315,7 +318,8 @@ def trace(
             dropped = token_index
         for b in range(nb):
             block_kinds = kinds if b in recorded else frozenset()
-            h, acts = run_block(adapter.block(b), h, b, block_kinds, edit, token_index=dropped)
+            block_edit = edit if edited is None or b in edited else None  # unedited blocks may fuse
+            h, acts = run_block(adapter.block(b), h, b, block_kinds, block_edit, token_index=dropped)
             if on_block is not None:
                 on_block(b, acts)
             if store:
