@@ -57,6 +57,7 @@ from captum_clsemb.adapters.base import BlockParts
 from captum_clsemb.attr._explanation_utils import check_interpolate_to
 from captum_clsemb.errors import InputValidationError, UnsupportedModelError
 from captum_clsemb.trace import run_block
+from captum_clsemb.trace.forward import classifier_prefix
 
 _EPS = 1e-9
 CLONE_RULES = ("exact", "chefer")
@@ -449,23 +450,14 @@ class CheferRelevancy(Attribution):
         k, seq = t.shape[-2:]
         return t if k == seq else F.pad(t, (0, 0, 0, seq - k))
 
-    def _top_prefix(self) -> int:
-        """How many leading tokens the classifier reads (class token, distillation token): at the
-        last block's output only these have relevance, and only these are computed there."""
-        adapter = self.adapter
-        last = adapter.class_token_index
-        if adapter.head_dist is not None:
-            last = max(last, adapter.prefix_tokens.index("dist"))
-        return last + 1
-
     def _relevance_and_grad(
         self, x: Tensor, target: Tensor | None, start: int, clone_rule: str
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(R_A, dA)`` for blocks B-1 down to ``start``, in the relevance dtype.
 
-        Each is (n, H, T, T), except for the last block: (n, H, k, T), its first k query rows
-        (:meth:`_top_prefix`), the only rows the classifier's output depends on (the others
-        are exactly zero).
+        Each is (n, H, T, T), except for the last block: (n, H, k, T), its first k query rows, the
+        tokens the classifier reads (:func:`~captum_clsemb.trace.forward.classifier_prefix`): the
+        logits depend on no other row there, so those are exactly zero.
         """
         blocks, final, logits = self._forward(x, start)
         if target is None:
@@ -487,8 +479,8 @@ class CheferRelevancy(Attribution):
         """One decomposed forward with an autograd graph from block ``start`` on.
 
         Returns the internals of blocks ``start..B-1`` (see :func:`run_block`, plus each block's
-        input ``resid_pre``; the last block computed for its first :meth:`_top_prefix` tokens
-        only), the last block's output there and the logits.
+        input ``resid_pre``; the last block is computed only for the leading tokens that the
+        classifier reads), the last block's output for those tokens and the logits.
         """
         adapter = self.adapter
         nb = adapter.num_blocks
@@ -502,7 +494,7 @@ class CheferRelevancy(Attribution):
                     "Use CheferGradientRollout or AttentionRollout for this model"
                 )
             _qkv_weight(adapter, parts[b], b)
-        top = self._top_prefix()
+        top = classifier_prefix(adapter)
         blocks: list[dict[str, Tensor]] = []
         with adapter.eval_mode():
             with torch.no_grad():  # blocks below `start` are not explained: no graph, fused attention

@@ -219,6 +219,17 @@ def run_block(
     return out, acts
 
 
+def classifier_prefix(adapter: ModelAdapter) -> int | None:
+    """How many leading tokens a class-token classifier reads (class and distillation tokens), or
+    None when it reads them all (global average pooling)."""
+    if adapter.pooling != "token" or not adapter.has_class_token:
+        return None
+    last = adapter.class_token_index
+    if adapter.head_dist is not None:
+        last = max(last, adapter.prefix_tokens.index("dist"))
+    return last + 1
+
+
 def _query_rows(bias: Tensor, query_prefix: int | None) -> Tensor:
     """The rows of an attention bias (..., T, T) for the first ``query_prefix`` queries."""
     if query_prefix is None or bias.dim() < 2 or bias.shape[-2] == 1:
@@ -319,7 +330,13 @@ def trace(
         for b in range(nb):
             block_kinds = kinds if b in recorded else frozenset()
             block_edit = edit if edited is None or b in edited else None  # unedited blocks may fuse
-            h, acts = run_block(adapter.block(b), h, b, block_kinds, block_edit, token_index=dropped)
+            # The last block, when nothing reads it, only for the tokens the classifier reads.
+            prefix = (
+                classifier_prefix(adapter) if b == nb - 1 and not block_kinds and block_edit is None else None
+            )
+            h, acts = run_block(
+                adapter.block(b), h, b, block_kinds, block_edit, token_index=dropped, query_prefix=prefix
+            )
             if on_block is not None:
                 on_block(b, acts)
             if store:

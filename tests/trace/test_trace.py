@@ -376,3 +376,31 @@ def test_record_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ([3], [-4], [True], [0.5]):
         with pytest.raises(InputValidationError, match="record_blocks"):
             trace(model, x, record=["resid_post"], record_blocks=bad)
+
+
+@pytest.mark.parametrize("variant", ["cls_token", "distilled", "registers", "gap_fc_norm", "hf_deit_teacher"])
+def test_last_block_only_for_the_tokens_the_classifier_reads(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = ALL_VARIANTS[variant]()
+    x = images(2)
+    prefixes: list[int | None] = []
+    real = forward_module.run_block
+
+    def spy(*args, **kwargs):
+        prefixes.append(kwargs.get("query_prefix"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward_module, "run_block", spy)
+    logits = trace(model, x).logits
+    expected = {"cls_token": 1, "distilled": 2, "registers": 1, "gap_fc_norm": None, "hf_deit_teacher": 2}[
+        variant
+    ]
+    assert prefixes == [None, None, expected]
+    torch.testing.assert_close(logits, model_logits(model, x), atol=1e-5, rtol=0)
+    prefixes.clear()
+    trace(model, x, record=["resid_post"], record_blocks=[0])
+    assert prefixes == [None, None, expected]
+    prefixes.clear()
+    trace(model, x, record=["resid_post"])  # the last block is recorded: all of it
+    assert prefixes == [None, None, None]
