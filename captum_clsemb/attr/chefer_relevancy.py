@@ -594,7 +594,7 @@ class CheferRelevancy(Attribution):
         r_mid, r_mlp = _add_relprop(mid, mlp_out, out, relevance)
         r_mlp = _post_relprop(parts.mlp_post, mlp_out, r_mlp)
         r_keys = linear(get("fc2_in"), parts.fc2, r_mlp, "fc2_out")  # mid norm, act: pass
-        r_u2 = linear(get("norm2"), parts.fc1, r_keys, "fc1_out")  # norm2: pass
+        r_u2 = linear(parts.norm2(saved["resid_mid"]).to(cd), parts.fc1, r_keys, "fc1_out")  # norm2: pass
         r_mid = lrp_clone(mid, (r_mid, r_u2), clone_rule)
         # Attention sub-layer: mid = x + attn_post(proj(out_norm(A @ v)))
         r_x, r_attn = _add_relprop(x_in, attn_out, mid if exact_dtype else x_in + attn_out, r_mid)
@@ -603,7 +603,7 @@ class CheferRelevancy(Attribution):
         r_z = r_z.view(n, k, heads, hd).transpose(1, 2)  # (n, H, k, hd)
         # One contiguous copy each, so that every product below reads them without copying.
         probs, v = get("attn_probs"), get("v").contiguous()
-        z = get("attn_z") if exact_dtype else probs @ v
+        z = get("attn_keys").view(n, k, heads, hd).transpose(1, 2) if exact_dtype else probs @ v
         r_a, r_v = _matmul_relprop(probs, v, z, r_z)  # A @ v: z-rule, halved
         if not go_on:
             return None, r_a
@@ -617,7 +617,7 @@ class CheferRelevancy(Attribution):
             [r.transpose(1, 2).reshape(n, seq, heads * hd) for r in (r_q, r_k.transpose(-1, -2), r_v)], -1
         )
         weight = _qkv_weight(adapter, parts, b).to(cd)
-        r_u1 = _linear_relprop(get("norm1"), weight, r_qkv)  # then norm1: pass
+        r_u1 = _linear_relprop(parts.norm1(saved["resid_pre"]).to(cd), weight, r_qkv)  # then norm1: pass
         return lrp_clone(x_full, (r_x, r_u1), clone_rule), r_a
 
 

@@ -130,30 +130,33 @@ def run_block(
     probabilities are computed explicitly.
 
     ``internals``, when given, is filled with the block's intermediate tensors for methods
-    that need more than the recordable kinds (LRP): ``norm1`` (the q/k/v input), ``q``, ``k``,
-    ``v`` (N, heads, T, head_dim, after any rope), ``attn_probs``, ``attn_z`` (the attention
-    output A v, (N, heads, T, head_dim)), ``proj_in``, ``proj_out`` (before ``attn_post``),
-    ``attn_out``, ``resid_mid``, ``norm2`` (the MLP input), ``fc1_out`` (before the
-    activation; absent when ``parts.mlp_in`` is set), ``mlp_keys``, ``fc2_in``, ``fc2_out``
-    (before ``mlp_post``), ``mlp_out``.
+    that need more than the recordable kinds (LRP): ``q``, ``k``, ``v`` (N, heads, T, head_dim,
+    after any rope), ``attn_probs``, ``attn_keys`` (the attention output A v, (N, T,
+    heads*head_dim)), ``proj_in``, ``proj_out`` (before ``attn_post``), ``attn_out``,
+    ``resid_mid``, ``fc1_out`` (before the activation; absent when ``parts.mlp_in`` is set),
+    ``fc2_in``, ``fc2_out`` (before ``mlp_post``), ``mlp_out``. Otherwise every intermediate
+    is released as soon as it is used, so the peak memory is that of the model's own block.
 
     ``query_prefix``, when given, computes the block's output only for the first
     ``query_prefix`` tokens (queries; keys and values still come from the whole sequence), as
     the last block needs for a classifier that reads only prefix tokens. The output and every
-    recorded kind and internal then hold only those tokens, except ``resid_pre``, ``norm1``,
-    ``k`` and ``v``; attention probabilities are (N, heads, query_prefix, T).
+    recorded kind and internal then hold only those tokens, except ``resid_pre``, ``k`` and
+    ``v``; attention probabilities are (N, heads, query_prefix, T).
     """
     acts: dict[str, Tensor] = {}
     if "resid_pre" in kinds:
         acts["resid_pre"] = x
+    # Intermediates go to `internals` when asked for; otherwise each is freed as soon as it is used.
+    stash = internals.__setitem__ if internals is not None else _discard
     n, t, _ = x.shape
-    u1 = parts.norm1(x)
-    q, k, v = parts.qkv(u1)
+    q, k, v = parts.qkv(parts.norm1(x))
     if parts.rope is not None:
         q, k = parts.rope(q, k, token_index)
     if query_prefix is not None:
         q, x = q[:, :, :query_prefix], x[:, :query_prefix]
         t = query_prefix
+    if internals is not None:
+        internals.update(q=q, k=k, v=v)
     if "attn_probs" in kinds or edit is not None or internals is not None:
         if parts.scale_before_matmul:
             scores = (q * parts.scale) @ k.transpose(-2, -1)
@@ -162,6 +165,7 @@ def run_block(
         if parts.attn_bias is not None:
             scores = scores + _query_rows(parts.attn_bias(token_index), query_prefix)
         probs = scores.softmax(dim=-1)
+        del scores
         if edit is not None:
             edited = edit(block, probs)
             if not isinstance(edited, Tensor) or edited.shape != probs.shape:
@@ -171,7 +175,9 @@ def run_block(
             probs = edited
         if "attn_probs" in kinds:
             acts["attn_probs"] = probs
+        stash("attn_probs", probs)
         heads_out = probs @ v
+        del probs
     else:
         # Fused attention: the probabilities are neither read nor edited.
         bias = (
@@ -180,42 +186,51 @@ def run_block(
             else _query_rows(parts.attn_bias(token_index), query_prefix).to(q.dtype)
         )
         heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=parts.scale)
+    del q, k, v
     z = heads_out.transpose(1, 2).reshape(n, t, -1)
+    del heads_out
     if "attn_keys" in kinds:
         acts["attn_keys"] = z
+    stash("attn_keys", z)
     proj_in = parts.attn_out_norm(z)
+    del z
+    stash("proj_in", proj_in)
     proj_out = parts.proj(proj_in)
+    del proj_in
+    stash("proj_out", proj_out)
     attn_out = parts.attn_post(proj_out)
+    del proj_out
+    stash("attn_out", attn_out)
+    if "attn_out" in kinds:
+        acts["attn_out"] = attn_out
     mid = x + attn_out
-    u2 = parts.norm2(mid)
+    del attn_out, x
+    stash("resid_mid", mid)
+    if "resid_mid" in kinds:
+        acts["resid_mid"] = mid
     if parts.mlp_in is None:
-        fc1_out = parts.fc1(u2)
+        fc1_out = parts.fc1(parts.norm2(mid))
+        stash("fc1_out", fc1_out)
         keys = parts.act(fc1_out)
+        del fc1_out
     else:
-        fc1_out = None
-        keys = parts.mlp_in(u2)
+        keys = parts.mlp_in(parts.norm2(mid))
     if "mlp_keys" in kinds:
         acts["mlp_keys"] = keys
     fc2_in = parts.mlp_mid_norm(keys)
+    del keys
+    stash("fc2_in", fc2_in)
     fc2_out = parts.fc2(fc2_in)
+    del fc2_in
+    stash("fc2_out", fc2_out)
     mlp_out = parts.mlp_post(fc2_out)
-    out = mid + mlp_out
-    if "attn_out" in kinds:
-        acts["attn_out"] = attn_out
-    if "resid_mid" in kinds:
-        acts["resid_mid"] = mid
+    del fc2_out
+    stash("mlp_out", mlp_out)
     if "mlp_out" in kinds:
         acts["mlp_out"] = mlp_out
+    out = mid + mlp_out
     if "resid_post" in kinds:
         acts["resid_post"] = out
-    if internals is not None:
-        internals.update(
-            norm1=u1, q=q, k=k, v=v, attn_probs=probs, attn_z=heads_out, proj_in=proj_in, proj_out=proj_out,
-            attn_out=attn_out, resid_mid=mid, norm2=u2, mlp_keys=keys, fc2_in=fc2_in, fc2_out=fc2_out,
-            mlp_out=mlp_out,
-        )  # fmt: skip
-        if fc1_out is not None:
-            internals["fc1_out"] = fc1_out
     return out, acts
 
 
@@ -228,6 +243,10 @@ def classifier_prefix(adapter: ModelAdapter) -> int | None:
     if adapter.head_dist is not None:
         last = max(last, adapter.prefix_tokens.index("dist"))
     return last + 1
+
+
+def _discard(name: str, value: Tensor) -> None:
+    pass
 
 
 def _query_rows(bias: Tensor, query_prefix: int | None) -> Tensor:
