@@ -78,8 +78,35 @@ def _relevance_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+class _WeightParts:
+    """``W^+``, ``W^-`` and ``|W|`` of one weight at a time, written into buffers that are reused
+    from one layer to the next (so each layer does not allocate, and fault in, fresh pages)."""
+
+    def __init__(self) -> None:
+        self.buf: Tensor | None = None
+
+    def __call__(self, weight: Tensor, with_abs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        n = weight.numel()
+        if (
+            self.buf is None
+            or self.buf.shape[1] < n
+            or self.buf.dtype != weight.dtype
+            or self.buf.device != weight.device
+        ):
+            self.buf = torch.empty(3, n, dtype=weight.dtype, device=weight.device)
+        pw, nw, aw = (self.buf[i, :n].view(weight.shape) for i in range(3))
+        torch.clamp(weight, min=0, out=pw)
+        torch.clamp(weight, max=0, out=nw)
+        return pw, nw, torch.abs(weight, out=aw) if with_abs else None
+
+
 def _linear_relprop(
-    x: Tensor, weight: Tensor, relevance: Tensor, y: Tensor | None = None, bias: Tensor | None = None
+    x: Tensor,
+    weight: Tensor,
+    relevance: Tensor,
+    y: Tensor | None = None,
+    bias: Tensor | None = None,
+    parts: _WeightParts | None = None,
 ) -> Tensor:
     """LRP-alpha1-beta0 (:func:`lrp_linear_alpha1_beta0`), optionally reusing the forward's output.
 
@@ -89,16 +116,14 @@ def _linear_relprop(
     ``s = R / z^+``, which multiplies ``s_j`` only by positive contributions and so stays
     bounded by the relevance of the outputs even where ``z^+`` is tiny.
     """
-    pw, nw = weight.clamp(min=0), weight.clamp(max=0)
+    pw, nw, aw = (parts or _WeightParts())(weight, with_abs=y is not None)
     if y is None:
         z_plus = F.linear(x.clamp(min=0), pw).add_(F.linear(x.clamp(max=0), nw))
         zero = z_plus == 0
         s = torch.div(relevance, z_plus.add_(_EPS)).masked_fill_(zero, 0)
     else:
         # z^+ + 1e-9 = y/2 + |x| |W|^T / 2 - (bias/2 - 1e-9), the product accumulated onto y/2.
-        den = y.view(-1, y.shape[-1]).addmm_(
-            x.abs().view(-1, x.shape[-1]), weight.abs().t(), beta=0.5, alpha=0.5
-        )
+        den = y.view(-1, y.shape[-1]).addmm_(x.abs().view(-1, x.shape[-1]), aw.t(), beta=0.5, alpha=0.5)
         den = den.view(y.shape)
         den.sub_(-_EPS if bias is None else bias * 0.5 - _EPS)
         # z^+ <= 0 (exactly 0, or rounding below it): no positive contribution, no relevance
@@ -542,11 +567,12 @@ class CheferRelevancy(Attribution):
                 normed, dist, lrp_linear_alpha1_beta0(pooled_d, adapter.head_dist.weight.to(cd), r_d)
             )
         out = final
+        scratch = _WeightParts()
         for b in reversed(range(start, nb)):
             saved = blocks[b - start]
             blocks[b - start] = {}  # release this block's tensors once used
             relevance, r_attn = self._block_relprop(
-                b, adapter.block(b), saved, out, relevance, b > start, clone_rule
+                b, adapter.block(b), saved, out, relevance, b > start, clone_rule, scratch
             )
             out = saved["resid_pre"]
             yield b, r_attn
@@ -560,6 +586,7 @@ class CheferRelevancy(Attribution):
         relevance: Tensor,
         go_on: bool,
         clone_rule: str,
+        scratch: _WeightParts,
     ) -> tuple[Tensor | None, Tensor]:
         """One block backwards from the relevance of its output ``out`` (the forward's tensor).
 
@@ -587,8 +614,8 @@ class CheferRelevancy(Attribution):
         def linear(x: Tensor, module: nn.Linear, r: Tensor, output: str) -> Tensor:
             # The forward's output gives x W^T (recomputed in float32 for half-precision models).
             if not exact_dtype:
-                return _linear_relprop(x, module.weight.to(cd), r)
-            return _linear_relprop(x, module.weight, r, get(output), module.bias)
+                return _linear_relprop(x, module.weight.to(cd), r, parts=scratch)
+            return _linear_relprop(x, module.weight, r, get(output), module.bias, scratch)
 
         # MLP sub-layer: out = mid + mlp_post(fc2(mid_norm(act(fc1(norm2(mid))))))
         r_mid, r_mlp = _add_relprop(mid, mlp_out, out, relevance)
@@ -617,7 +644,9 @@ class CheferRelevancy(Attribution):
             [r.transpose(1, 2).reshape(n, seq, heads * hd) for r in (r_q, r_k.transpose(-1, -2), r_v)], -1
         )
         weight = _qkv_weight(adapter, parts, b).to(cd)
-        r_u1 = _linear_relprop(parts.norm1(saved["resid_pre"]).to(cd), weight, r_qkv)  # then norm1: pass
+        r_u1 = _linear_relprop(
+            parts.norm1(saved["resid_pre"]).to(cd), weight, r_qkv, parts=scratch
+        )  # norm1: pass
         return lrp_clone(x_full, (r_x, r_u1), clone_rule), r_a
 
 
