@@ -294,10 +294,12 @@ def _post_relprop(post: object, y: Tensor, relevance: Tensor) -> Tensor:
 class CheferRelevancy(Attribution):
     r"""Chefer et al. (CVPR 2021) transformer attribution: LRP relevance x gradient, rolled out.
 
-    One traced forward records every block; one backward of the target's pre-softmax logit
-    gives ``dy_t/dA_b`` for all blocks; then the relevance one-hot(target) is propagated from
-    the classifier output down to each block's attention probabilities with the authors'
-    LRP rules (see the module docstring, all batched over the examples), giving ``R_{A_b}``.
+    One decomposed forward (with an autograd graph from ``start_block`` on, also for models
+    whose parameters are frozen); one backward of the target's pre-softmax logit gives
+    ``dy_t/dA_b`` for all blocks at once; then the relevance one-hot(target) is propagated
+    from the classifier output down to each block's attention probabilities with the
+    authors' LRP rules (see the module docstring, all batched over the examples), reusing the
+    forward's own tensors, giving ``R_{A_b}``.
     With ``Abar_b = mean_h((dy_t/dA_b * R_{A_b})^+)`` (heads averaged)::
 
         C = (Abar_{B-1} + I) (Abar_{B-2} + I) ... (Abar_s + I)      (no row normalisation)
