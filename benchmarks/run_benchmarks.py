@@ -477,6 +477,23 @@ def to_markdown(
             lines += section_table(sec, args.baseline_ref, memory)
     if gpu_note:
         lines += ["## GPU", "", gpu_note, ""]
+    lines += [
+        "## Notes",
+        "",
+        "- `forward + backward` is `model(x)` with the autograd graph and `backward()` of the target "
+        "logits into the parameters; its peak memory includes the parameter gradients.",
+        "- `CheferRelevancy` is one forward, one backward of the target logits to every attention "
+        "matrix and the LRP sweep. Each linear layer's alpha1-beta0 rule takes three products of "
+        "the layer's size (the shared denominator, with the forward's own product reused, and the "
+        "positive and negative parts of the relevance), so its matrix products alone come to about "
+        "1 + 1 + 3 forwards (the first block and the last block's unread tokens are skipped); the "
+        "rest is element-wise work on (N, heads, T, T) and (N, T, 4d) tensors, which weighs more "
+        "where memory bandwidth is scarce. It keeps every block's attention matrix and its gradient "
+        "until the sweep reaches that block, hence its peak memory.",
+        "- Identifiability, token removal and the blocks that attention rollout does not read run "
+        "PyTorch's fused attention, so they never hold an (N, heads, T, T) matrix.",
+        "",
+    ]
     if stream_rows:
         lines += ["## Streaming", "",
                   "Dataset-level identifiability (bundled CIFAR-10 model, batches of 50); memory is the "
