@@ -458,7 +458,7 @@ def to_markdown(
         f"Measured with captum-clsemb {captum_clsemb.__version__}, torch {torch.__version__}, "
         f"on {cpu_name()} with {threads} thread{'s' if threads != 1 else ''}; random weights, eval mode. "
         f"Times are medians of {args.repeats} repeats taken round-robin with the other rows of the same "
-        f"table ({'process CPU time' if args.clock == 'cpu' else 'wall clock'}), ratios are to the "
+        f"table ({'process CPU time; GPU: wall clock' if args.clock == 'cpu' else 'wall clock'}), ratios are to the "
         "median plain forward (`model(x)` under `torch.no_grad()`, PyTorch's fused attention) of the "
         "same table.",
         "",
