@@ -154,7 +154,14 @@ class AttentionRollout(Attribution):
                 a_hat = a_hat / a_hat.sum(-1, keepdim=True)
                 _state["R"] = a_hat if "R" not in _state else a_hat @ _state["R"]
 
-            trace(adapter, x[sl], record=["attn_probs"], on_block=on_block, store=False)
+            trace(
+                adapter,
+                x[sl],
+                record=["attn_probs"],
+                on_block=on_block,
+                store=False,
+                record_blocks=range(start, adapter.num_blocks),
+            )  # blocks below start: fused
             out.append(state["R"][:, cls, p:])
         maps = torch.cat(out, 0).reshape(x.shape[0], 1, *adapter.grid_size)
         return upsample(maps, size)

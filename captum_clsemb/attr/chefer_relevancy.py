@@ -17,7 +17,9 @@ matmuls Q K^T and A V                  z-rule on both operands, each operand's r
                                        (:func:`lrp_matmul_z`); R_A after halving is kept
 residual Add                           z-rule, then rescaled to conserve the total per example
                                        (:func:`lrp_add_conserving`)
-Clone (branch point)                   sum of the branch relevances
+Clone (branch point)                   sum of the branch relevances (``clone_rule="exact"``), or
+                                       the authors' ``Clone.relprop`` (``clone_rule="chefer"``,
+                                       :func:`lrp_clone`)
 CLS pooling (index select)             z-rule (:func:`lrp_select_z`)
 layer scale (timm ``init_values``)     elementwise linear layer, z-rule (:func:`lrp_elementwise_z`)
 =====================================  =============================================================
@@ -25,6 +27,18 @@ layer scale (timm ``init_values``)     elementwise linear layer, z-rule (:func:`
 Then, per block b >= ``start_block``: ``Abar_b = mean_h((dy_t/dA_b * R_{A_b})^+)`` and
 ``C = (Abar_B + I) ... (Abar_s + I)`` (no row normalisation); the map is the class-token
 row of C over the image tokens.
+
+The one rule that differs from the authors' code is the branch point. Their
+``Clone.relprop`` computes ``R = X * sum_i safe_divide(R_i, X)``, i.e. it multiplies the sum
+of the branch relevances by ``X / (X + 1e-9)`` (and zeroes it where ``X == 0``). That factor
+is not part of the method (a branch point has no weights: its relevance is the sum), it
+breaks conservation, and it differs from 1 only for residual-stream entries near 1e-9 or
+exactly zero, so the default is the exact sum. ``clone_rule="chefer"`` applies their rule at
+both branch points of every block (the block input and the attention output, where
+``ViT_LRP.Block`` has its ``clone1``/``clone2``) and reproduces their maps to float precision.
+
+Half precision: the forward runs in the model's dtype, the relevance rules in float32
+(the 1e-9 stabiliser underflows in float16); maps of float16/bfloat16 models are float32.
 """
 
 from __future__ import annotations
@@ -46,19 +60,80 @@ from captum_clsemb.attr._explanation_utils import (
     check_grad_mode,
     check_interpolate_to,
 )
-from captum_clsemb.errors import InputValidationError
-from captum_clsemb.trace import ActivationCache, trace
+from captum_clsemb.errors import InputValidationError, UnsupportedModelError
+from captum_clsemb.trace import run_block
+from captum_clsemb.trace.forward import classifier_prefix
 
 _EPS = 1e-9
-_RECORD = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "attn_probs", "attn_keys", "mlp_keys")
+CLONE_RULES = ("exact", "chefer")
 
 
 # -- LRP rules: pure, batched functions ------------------------------------------------------------
 def safe_divide(a: Tensor, b: Tensor) -> Tensor:
     r"""``a / b`` stabilised as in the authors' ``safe_divide``: ``a / (b + 1e-9)``, 0 where ``b == 0``."""
-    den = b.clamp(min=_EPS) + b.clamp(max=_EPS)
-    den = den + den.eq(0).to(den.dtype) * _EPS
-    return a / den * b.ne(0).to(b.dtype)
+    # The authors' clamp(b, min=eps) + clamp(b, max=eps) is exactly b + eps (max + min of {b, eps});
+    # it is 0 only where b == -eps, where they divide by eps.
+    den = b + _EPS
+    den.masked_fill_(den == 0, _EPS)
+    return torch.div(a, den).masked_fill_(b == 0, 0)
+
+
+def _relevance_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the rules run in: float32 for half-precision models, else the model's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _WeightParts:
+    """``W^+``, ``W^-`` and ``|W|`` of one weight at a time, written into buffers that are reused
+    from one layer to the next (so each layer does not allocate, and fault in, fresh pages)."""
+
+    def __init__(self) -> None:
+        self.buf: Tensor | None = None
+
+    def __call__(self, weight: Tensor, with_abs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        n = weight.numel()
+        if (
+            self.buf is None
+            or self.buf.shape[1] < n
+            or self.buf.dtype != weight.dtype
+            or self.buf.device != weight.device
+        ):
+            self.buf = torch.empty(3, n, dtype=weight.dtype, device=weight.device)
+        pw, nw, aw = (self.buf[i, :n].view(weight.shape) for i in range(3))
+        torch.clamp(weight, min=0, out=pw)
+        torch.clamp(weight, max=0, out=nw)
+        return pw, nw, torch.abs(weight, out=aw) if with_abs else None
+
+
+def _linear_relprop(
+    x: Tensor,
+    weight: Tensor,
+    relevance: Tensor,
+    y: Tensor | None = None,
+    bias: Tensor | None = None,
+    parts: _WeightParts | None = None,
+) -> Tensor:
+    """LRP-alpha1-beta0 (:func:`lrp_linear_alpha1_beta0`), optionally reusing the forward's output.
+
+    ``y``, when given, is the forward's output ``x W^T + bias`` (overwritten: a scratch buffer).
+    Then the shared denominator ``z^+ = sum_i (x_i w_ji)^+`` is ``(x W^T + |x| |W|^T) / 2``, one
+    product instead of two. The relevance itself is always ``x^+ (s W^+) + x^- (s W^-)`` with
+    ``s = R / z^+``, which multiplies ``s_j`` only by positive contributions and so stays
+    bounded by the relevance of the outputs even where ``z^+`` is tiny.
+    """
+    pw, nw, aw = (parts or _WeightParts())(weight, with_abs=y is not None)
+    if y is None:
+        z_plus = F.linear(x.clamp(min=0), pw).add_(F.linear(x.clamp(max=0), nw))
+        zero = z_plus == 0
+        s = torch.div(relevance, z_plus.add_(_EPS)).masked_fill_(zero, 0)
+    else:
+        # z^+ + 1e-9 = y/2 + |x| |W|^T / 2 - (bias/2 - 1e-9), the product accumulated onto y/2.
+        den = y.view(-1, y.shape[-1]).addmm_(x.abs().view(-1, x.shape[-1]), aw.t(), beta=0.5, alpha=0.5)
+        den = den.view(y.shape)
+        den.sub_(-_EPS if bias is None else bias * 0.5 - _EPS)
+        # z^+ <= 0 (exactly 0, or rounding below it): no positive contribution, no relevance
+        s = torch.div(relevance, den).masked_fill_(den <= _EPS, 0)
+    return (s @ pw).mul_(x.clamp(min=0)).add_((s @ nw).mul_(x.clamp(max=0)))
 
 
 def lrp_linear_alpha1_beta0(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
@@ -79,10 +154,7 @@ def lrp_linear_alpha1_beta0(x: Tensor, weight: Tensor, relevance: Tensor) -> Ten
     Returns:
         relevance of the inputs, (..., in_features).
     """
-    pw, nw = weight.clamp(min=0), weight.clamp(max=0)
-    px, nx = x.clamp(min=0), x.clamp(max=0)
-    s = safe_divide(relevance, F.linear(px, pw) + F.linear(nx, nw))
-    return px * (s @ pw) + nx * (s @ nw)
+    return _linear_relprop(x, weight, relevance)
 
 
 def lrp_matmul_z(a: Tensor, b: Tensor, relevance: Tensor, halve: bool = True) -> tuple[Tensor, Tensor]:
@@ -101,12 +173,17 @@ def lrp_matmul_z(a: Tensor, b: Tensor, relevance: Tensor, halve: bool = True) ->
     Returns:
         ``(R_a, R_b)`` with the shapes of ``a`` and ``b``.
     """
-    s = safe_divide(relevance, a @ b)
-    ra = a * (s @ b.transpose(-1, -2))
-    rb = b * (a.transpose(-1, -2) @ s)
-    if halve:
-        ra, rb = ra / 2, rb / 2
-    return ra, rb
+    return _matmul_relprop(a, b, a @ b, relevance, halve)
+
+
+def _matmul_relprop(
+    a: Tensor, b: Tensor, z: Tensor, relevance: Tensor, halve: bool = True
+) -> tuple[Tensor, Tensor]:
+    """:func:`lrp_matmul_z` with the product ``z = a @ b`` given (the forward's own)."""
+    s = safe_divide(relevance, z)
+    if halve:  # exact: halving s halves both products
+        s = s.mul_(0.5)
+    return (s @ b.transpose(-1, -2)).mul_(a), (a.transpose(-1, -2) @ s).mul_(b)
 
 
 def lrp_add_conserving(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,15 +203,20 @@ def lrp_add_conserving(a: Tensor, b: Tensor, relevance: Tensor) -> tuple[Tensor,
     Returns:
         ``(R_a, R_b)``.
     """
-    s = safe_divide(relevance, a + b)
-    ra, rb = a * s, b * s
+    return _add_relprop(a, b, a + b, relevance)
+
+
+def _add_relprop(a: Tensor, b: Tensor, total_ab: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`lrp_add_conserving` with the sum ``total_ab = a + b`` given (the forward's own)."""
+    s = safe_divide(relevance, total_ab)
+    ra, rb = a * s, s.mul_(b)
     dims = tuple(range(1, relevance.dim()))
     sa, sb = ra.sum(dims, keepdim=True), rb.sum(dims, keepdim=True)
     total = relevance.sum(dims, keepdim=True)
     norm = sa.abs() + sb.abs()
     fa = safe_divide(sa.abs(), norm) * total
     fb = safe_divide(sb.abs(), norm) * total
-    return ra * safe_divide(fa, sa), rb * safe_divide(fb, sb)
+    return ra.mul_(safe_divide(fa, sa)), rb.mul_(safe_divide(fb, sb))
 
 
 def lrp_select_z(x: Tensor, index: int, relevance: Tensor) -> Tensor:
@@ -159,18 +241,39 @@ def lrp_elementwise_z(x: Tensor, scale: Tensor, relevance: Tensor) -> Tensor:
     Each output has a single contribution, so the relevance passes through unchanged
     except where ``y == 0`` (then 0): ``R_x = x * scale * R / (x * scale)``.
     """
-    return x * scale * safe_divide(relevance, x * scale)
+    y = x * scale
+    return y * safe_divide(relevance, y)
+
+
+def lrp_clone(x: Tensor, relevances: tuple[Tensor, ...] | list[Tensor], rule: str = "exact") -> Tensor:
+    r"""Relevance of a branch point ``x`` from the relevances of its branches.
+
+    ``rule="exact"``: the sum ``sum_i R_i``. ``rule="chefer"``: the authors'
+    ``layers_ours.Clone.relprop``, ``x * sum_i safe_divide(R_i, x)``, i.e. the sum times
+    ``x / (x + 1e-9)`` and 0 where ``x == 0``.
+    """
+    if rule == "exact":
+        out = relevances[0]
+        for r in relevances[1:]:
+            out = out + r
+        return out
+    if rule == "chefer":
+        acc = safe_divide(relevances[0], x)
+        for r in relevances[1:]:
+            acc = acc + safe_divide(r, x)
+        return acc.mul_(x)
+    raise InputValidationError(f"clone rule must be one of {CLONE_RULES}, got {rule!r}")
 
 
 # -- model plumbing --------------------------------------------------------------------------------
-def _qkv_weight(adapter: ModelAdapter, block: int) -> Tensor:
+def _qkv_weight(adapter: ModelAdapter, parts: BlockParts, block: int) -> Tensor:
     """The stacked q/k/v projection weight (3 * heads * head_dim, d), rows in (q|k|v, head, dim) order."""
-    weight = adapter.block(block).qkv_weight
+    weight = parts.qkv_weight
     inner = adapter.num_heads * adapter.head_dim
-    if tuple(weight.shape) != (3 * inner, adapter.embed_dim):
-        raise InputValidationError(
-            f"block {block}: unexpected q/k/v projection shape {tuple(weight.shape)}; "
-            f"CheferRelevancy expects ({3 * inner}, {adapter.embed_dim})"
+    if weight is None or tuple(weight.shape) != (3 * inner, adapter.embed_dim):
+        raise UnsupportedModelError(
+            f"block {block}: unexpected q/k/v projection shape "
+            f"{None if weight is None else tuple(weight.shape)}; CheferRelevancy expects ({3 * inner}, {adapter.embed_dim})"
         )
     return weight
 
@@ -185,21 +288,23 @@ def _layer_scale(module: object) -> Tensor | None:
     return module.gamma if isinstance(module, LayerScale) else None
 
 
-def _through_post(post: object, linear: nn.Linear, linear_in: Tensor, relevance: Tensor) -> Tensor:
-    """Relevance from a sub-layer output back to its linear's output (layer scale / norm / identity)."""
-    gamma = _layer_scale(post)
-    if gamma is None:
+def _post_relprop(post: object, y: Tensor, relevance: Tensor) -> Tensor:
+    """Relevance from a sub-layer output ``y = post(linear_out)`` back to the linear's output: the
+    elementwise z-rule of a layer scale (``y = linear_out * gamma``), else unchanged."""
+    if _layer_scale(post) is None:
         return relevance
-    return lrp_elementwise_z(linear(linear_in), gamma, relevance)
+    return safe_divide(relevance, y).mul_(y)
 
 
 class CheferRelevancy(GradientAttribution):
     r"""Chefer et al. (CVPR 2021) transformer attribution: LRP relevance x gradient, rolled out.
 
-    One traced forward records every block; one backward of the target's pre-softmax logit
-    gives ``dy_t/dA_b`` for all blocks; then the relevance one-hot(target) is propagated from
-    the classifier output down to each block's attention probabilities with the authors'
-    LRP rules (see the module docstring, all batched over the examples), giving ``R_{A_b}``.
+    One decomposed forward (with an autograd graph from ``start_block`` on, also for models
+    whose parameters are frozen); one backward of the target's pre-softmax logit gives
+    ``dy_t/dA_b`` for all blocks at once; then the relevance one-hot(target) is propagated
+    from the classifier output down to each block's attention probabilities with the
+    authors' LRP rules (see the module docstring, all batched over the examples), reusing the
+    forward's own tensors, giving ``R_{A_b}``.
     With ``Abar_b = mean_h((dy_t/dA_b * R_{A_b})^+)`` (heads averaged)::
 
         C = (Abar_{B-1} + I) (Abar_{B-2} + I) ... (Abar_s + I)      (no row normalisation)
@@ -254,6 +359,7 @@ class CheferRelevancy(GradientAttribution):
         start_block: int = 1,
         interpolate_to: int | tuple[int, int] | str | None = None,
         internal_batch_size: int | None = None,
+        clone_rule: str = "exact",
     ) -> Tensor | tuple[Tensor]:
         r"""
         Args:
@@ -270,10 +376,15 @@ class CheferRelevancy(GradientAttribution):
                 gives (N, C, H, W) maps shaped like the inputs. The map is never min-max
                 normalised (the authors normalise only for display).
             internal_batch_size: split the batch into chunks of this size.
+            clone_rule: relevance of the residual-stream branch points: ``"exact"`` (default,
+                the sum of the branch relevances) or ``"chefer"`` (the authors'
+                ``Clone.relprop``, which rescales the sum by ``X / (X + 1e-9)``; use it to
+                match their maps to float precision). See :func:`lrp_clone`.
         Returns:
             *Tensor* (N, 1, h, w) on the patch grid ``adapter.grid_size`` (or
             (N, 1, H, W) with ``interpolate_to``, (N, C, H, W) with ``"input"``),
-            detached; a 1-tuple for tuple inputs.
+            detached, float32 for float16/bfloat16 models (the rules run in float32); a
+            1-tuple for tuple inputs.
         """
         adapter = self.adapter
         x = adapter.check_inputs(inputs)
@@ -284,17 +395,25 @@ class CheferRelevancy(GradientAttribution):
         tgt = format_target(target, n, adapter.num_classes, x.device)
         h, w = adapter.grid_size
         p, cls = adapter.num_prefix_tokens, adapter.class_token_index
+        rule = self._check_clone_rule(clone_rule)
         maps = []
         for sl in self._chunks(n, internal_batch_size):
-            joint = None
-            # Blocks arrive last to first; C = (Abar_{B-1} + I) ... (Abar_s + I) is built from the
-            # left, so only one (n, T, T) matrix per block is ever held.
-            with torch.no_grad():  # trace() turns grad on for its own forward
-                for rel, grad in self._relevance_and_grad(x[sl], None if tgt is None else tgt[sl], start):
-                    layer = (grad * rel).clamp(min=0).mean(1)  # (n, T, T), heads averaged
-                    layer = layer + torch.eye(layer.shape[-1], dtype=layer.dtype, device=layer.device)
-                    joint = layer if joint is None else joint @ layer
-            maps.append(joint[:, cls, p:].reshape(-1, 1, h, w))
+            row = None
+            # Blocks arrive last to first. The map is the class-token row of
+            # C = (Abar_{B-1} + I) ... (Abar_s + I), so it is built from the left as a row vector:
+            # row <- row (Abar_b + I) = row Abar_b + row.
+            with torch.no_grad():  # the forward turns grad on for itself
+                for rel, grad in self._relevance_and_grad(
+                    x[sl], None if tgt is None else tgt[sl], start, rule
+                ):
+                    layer = grad.mul_(rel).clamp_(min=0).mean(1)  # (n, T, T), heads averaged
+                    del rel, grad
+                    if row is None:  # the top block (only its first query rows): class-token row + I
+                        row = layer[:, cls].clone()
+                        row[:, cls] += 1
+                    else:
+                        row = torch.baddbmm(row.unsqueeze(1), row.unsqueeze(1), layer).squeeze(1)
+            maps.append(row[:, p:].reshape(-1, 1, h, w))
         out = torch.cat(maps, 0)
         if size is not None:
             out = LayerAttribution.interpolate(out, size, "bilinear")
@@ -306,6 +425,7 @@ class CheferRelevancy(GradientAttribution):
         target: TargetType = None,
         start_block: int = 0,
         internal_batch_size: int | None = None,
+        clone_rule: str = "exact",
     ) -> tuple[Tensor, Tensor]:
         r"""The two ingredients of the map: LRP relevance and gradient of the attention probabilities.
 
@@ -314,6 +434,7 @@ class CheferRelevancy(GradientAttribution):
             target: as in :meth:`attribute`.
             start_block: first block returned. Default: 0 (all blocks).
             internal_batch_size: split the batch into chunks of this size.
+            clone_rule: as in :meth:`attribute`.
         Returns:
             ``(R_A, dA)``, each (N, num_blocks - start_block, heads, T, T): the relevance
             ``R_{A_b}`` (after the matmul halving) and ``dy_t / dA_b``.
@@ -324,10 +445,14 @@ class CheferRelevancy(GradientAttribution):
         start = self._check_start_block(start_block)
         check_batch_size(internal_batch_size)
         tgt = format_target(target, x.shape[0], adapter.num_classes, x.device)
+        rule = self._check_clone_rule(clone_rule)
         rels, grads = [], []
         for sl in self._chunks(x.shape[0], internal_batch_size):
-            with torch.no_grad():  # trace() turns grad on for its own forward
-                pairs = list(self._relevance_and_grad(x[sl], None if tgt is None else tgt[sl], start))[::-1]
+            with torch.no_grad():  # the forward turns grad on for itself
+                pairs = [
+                    (self._full_rows(r), self._full_rows(g))
+                    for r, g in self._relevance_and_grad(x[sl], None if tgt is None else tgt[sl], start, rule)
+                ][::-1]
             rels.append(torch.stack([r for r, _ in pairs], 1))
             grads.append(torch.stack([g for _, g in pairs], 1))
         return torch.cat(rels, 0), torch.cat(grads, 0)
@@ -343,6 +468,12 @@ class CheferRelevancy(GradientAttribution):
         return start_block
 
     @staticmethod
+    def _check_clone_rule(clone_rule: str) -> str:
+        if not isinstance(clone_rule, str) or clone_rule not in CLONE_RULES:
+            raise InputValidationError(f"clone_rule must be one of {CLONE_RULES}, got {clone_rule!r}")
+        return clone_rule
+
+    @staticmethod
     def _chunks(n: int, internal_batch_size: int | None) -> list[slice]:
         if internal_batch_size is not None and (
             isinstance(internal_batch_size, bool)
@@ -355,82 +486,189 @@ class CheferRelevancy(GradientAttribution):
         step = internal_batch_size or max(n, 1)
         return [slice(i, i + step) for i in range(0, n, step)]
 
+    @staticmethod
+    def _full_rows(t: Tensor) -> Tensor:
+        """(n, H, k, T) first query rows -> (n, H, T, T), the other rows zero (identity when k = T)."""
+        k, seq = t.shape[-2:]
+        return t if k == seq else F.pad(t, (0, 0, 0, seq - k))
+
     def _relevance_and_grad(
-        self, x: Tensor, target: Tensor | None, start: int
+        self, x: Tensor, target: Tensor | None, start: int, clone_rule: str
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(R_A, dA)``, each (n, H, T, T), for blocks B-1 down to ``start``."""
-        adapter = self.adapter
-        nb = adapter.num_blocks
-        tr = trace(adapter, x, record=_RECORD, grad=True)
-        cache, logits = tr.cache, tr.logits
+        """Yield ``(R_A, dA)`` for blocks B-1 down to ``start``, in the relevance dtype.
+
+        Each is (n, H, T, T), except for the last block: (n, H, k, T), its first k query rows, the
+        tokens the classifier reads (:func:`~captum_clsemb.trace.forward.classifier_prefix`): the
+        logits depend on no other row there, so those are exactly zero.
+        """
+        blocks, final, logits = self._forward(x, start)
         if target is None:
             target = logits.detach().argmax(-1)
-        probs = [cache["attn_probs", b] for b in range(start, nb)]
-        # One backward for the batch: examples do not interact in eval mode.
+        # One backward for the batch (examples do not interact in eval mode) to every attention
+        # matrix at once; the graph is then freed and LRP reuses the forward's own tensors.
+        probs = [blk["attn_probs"] for blk in blocks]
         with torch.enable_grad():
-            grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), probs)
-        del tr, probs, logits  # the graph is freed; the cache tensors stay for LRP
+            grads = list(torch.autograd.grad(logits.gather(1, target[:, None]).sum(), probs))
+        del probs, logits
+        blocks = [{k: v.detach() for k, v in blk.items()} for blk in blocks]
         # Callers consume this under torch.no_grad() (a context held across yields would leak).
-        for b, rel in self._propagate(cache, target, start):
-            yield rel, grads[b - start]
+        for b, rel in self._propagate(blocks, final.detach(), target, start, clone_rule):
+            grad = grads[b - start]
+            grads[b - start] = None  # type: ignore[call-overload]
+            yield rel, grad.to(rel.dtype)
 
-    def _propagate(self, cache: ActivationCache, target: Tensor, start: int) -> Iterator[tuple[int, Tensor]]:
-        """LRP from one-hot(target) at the logits down to the blocks: yield (b, R_A_b), b = B-1..start."""
+    def _forward(self, x: Tensor, start: int) -> tuple[list[dict[str, Tensor]], Tensor, Tensor]:
+        """One decomposed forward with an autograd graph from block ``start`` on.
+
+        Returns the internals of blocks ``start..B-1`` (see :func:`run_block`, plus each block's
+        input ``resid_pre``; the last block is computed only for the leading tokens that the
+        classifier reads), the last block's output for those tokens and the logits.
+        """
         adapter = self.adapter
         nb = adapter.num_blocks
-        final = cache["resid_mid", nb - 1] + cache["mlp_out", nb - 1]  # block output, as in run_block
-        normed = adapter.pre_pool_norm(final)  # final norm: relevance passes through
+        parts = [adapter.block(b) for b in range(nb)]
+        for b in range(start, nb):
+            if parts[b].rope is not None or parts[b].mlp_in is not None:
+                what = "a rotary position embedding" if parts[b].rope is not None else "a gated MLP"
+                raise UnsupportedModelError(
+                    f"CheferRelevancy's LRP rules cover plain ViT blocks; block {b} of "
+                    f"{type(adapter.model).__name__} uses {what}, for which the method defines no rule. "
+                    "Use CheferGradientRollout or AttentionRollout for this model"
+                )
+            _qkv_weight(adapter, parts[b], b)
+        top = classifier_prefix(adapter)
+        blocks: list[dict[str, Tensor]] = []
+        with adapter.eval_mode():
+            with torch.no_grad():  # blocks below `start` are not explained: no graph, fused attention
+                h = adapter.embed(x)
+                for b in range(start):
+                    h, _ = run_block(parts[b], h, b, frozenset())
+            with torch.enable_grad():
+                # The graph starts at block `start`'s input (so frozen parameters need no grad).
+                h = h.detach().requires_grad_(True)
+                for b in range(start, nb):
+                    internals: dict[str, Tensor] = {"resid_pre": h}
+                    prefix = top if b == nb - 1 else None
+                    h, _ = run_block(parts[b], h, b, frozenset(), internals=internals, query_prefix=prefix)
+                    blocks.append(internals)
+                logits = adapter.classify(h)  # reads only the prefix tokens
+        return blocks, h, logits
+
+    def _propagate(
+        self, blocks: list[dict[str, Tensor]], final: Tensor, target: Tensor, start: int, clone_rule: str
+    ) -> Iterator[tuple[int, Tensor]]:
+        """LRP from one-hot(target) at the logits down to the blocks: yield (b, R_A_b), b = B-1..start.
+
+        ``final`` is the last block's output at its first tokens (see :meth:`_forward`)."""
+        adapter = self.adapter
+        nb = adapter.num_blocks
+        cd = _relevance_dtype(final.dtype)
         cls = adapter.class_token_index
-        r_out = F.one_hot(target, adapter.num_classes).to(normed.dtype)
-        pooled = adapter.post_pool_norm(normed[:, cls])  # fc_norm (if any): passes through
+        # The final norm (and fc_norm) pass relevance unchanged.
+        normed = adapter.pre_pool_norm(final).to(cd)
+        r_out = F.one_hot(target, adapter.num_classes).to(cd)
+        head = adapter.head
+        pooled = adapter.post_pool_norm(normed[:, cls])
         if adapter.head_dist is None:
-            r_pooled = lrp_linear_alpha1_beta0(pooled, adapter.head.weight, r_out)
+            r_pooled = lrp_linear_alpha1_beta0(pooled, head.weight.to(cd), r_out)
             relevance = lrp_select_z(normed, cls, r_pooled)
         else:
             dist = adapter.prefix_tokens.index("dist")
             pooled_d = adapter.post_pool_norm(normed[:, dist])
+            y_c = F.linear(pooled, head.weight.to(cd), _cast(head.bias, cd))
+            y_d = F.linear(pooled_d, adapter.head_dist.weight.to(cd), _cast(adapter.head_dist.bias, cd))
             # logits = head(cls)/2 + head_dist(dist)/2: a two-operand Add (the /2 passes through).
-            r_c, r_d = lrp_add_conserving(adapter.head(pooled) / 2, adapter.head_dist(pooled_d) / 2, r_out)
-            relevance = lrp_select_z(normed, cls, lrp_linear_alpha1_beta0(pooled, adapter.head.weight, r_c))
+            r_c, r_d = lrp_add_conserving(y_c / 2, y_d / 2, r_out)
+            relevance = lrp_select_z(normed, cls, lrp_linear_alpha1_beta0(pooled, head.weight.to(cd), r_c))
             relevance = relevance + lrp_select_z(  # clone: the two token branches sum
-                normed, dist, lrp_linear_alpha1_beta0(pooled_d, adapter.head_dist.weight, r_d)
+                normed, dist, lrp_linear_alpha1_beta0(pooled_d, adapter.head_dist.weight.to(cd), r_d)
             )
+        out = final
+        scratch = _WeightParts()
         for b in reversed(range(start, nb)):
-            relevance, r_attn = self._block_relprop(b, adapter.block(b), cache, relevance, b > start)
+            saved = blocks[b - start]
+            blocks[b - start] = {}  # release this block's tensors once used
+            relevance, r_attn = self._block_relprop(
+                b, adapter.block(b), saved, out, relevance, b > start, clone_rule, scratch
+            )
+            out = saved["resid_pre"]
             yield b, r_attn
 
     def _block_relprop(
-        self, b: int, parts: BlockParts, cache: ActivationCache, relevance: Tensor, go_on: bool
+        self,
+        b: int,
+        parts: BlockParts,
+        saved: dict[str, Tensor],
+        out: Tensor,
+        relevance: Tensor,
+        go_on: bool,
+        clone_rule: str,
+        scratch: _WeightParts,
     ) -> tuple[Tensor | None, Tensor]:
-        """One block backwards: returns (relevance of the block input or None, R_A after halving)."""
+        """One block backwards from the relevance of its output ``out`` (the forward's tensor).
+
+        When the block was computed for its first k tokens only (the last block, see
+        :meth:`_forward`), ``out``, ``relevance`` and the saved post-attention tensors hold
+        those k rows: the rules act per token, except the per-example totals of the residual
+        Add, which the other rows (with zero relevance) would not change. Returns (relevance
+        of the block input, or None when ``go_on`` is False; R_A after halving).
+        """
         adapter = self.adapter
-        x_in, mid = cache["resid_pre", b], cache["resid_mid", b]
-        n, t, _ = x_in.shape
+        cd = relevance.dtype
+        exact_dtype = saved["resid_pre"].dtype == cd  # the forward's sums are the rules' sums
+
+        def get(name: str) -> Tensor:
+            return saved[name].to(cd)
+
+        x_full = get("resid_pre")
+        mid, mlp_out, attn_out = get("resid_mid"), get("mlp_out"), get("attn_out")
+        n, k = mid.shape[:2]
+        seq = x_full.shape[1]
+        x_in = x_full[:, :k]
+        out = out.to(cd) if exact_dtype else mid + mlp_out
         heads, hd = adapter.num_heads, adapter.head_dim
+
+        def linear(x: Tensor, module: nn.Linear, r: Tensor, output: str) -> Tensor:
+            # The forward's output gives x W^T (recomputed in float32 for half-precision models).
+            if not exact_dtype:
+                return _linear_relprop(x, module.weight.to(cd), r, parts=scratch)
+            return _linear_relprop(x, module.weight, r, get(output), module.bias, scratch)
+
         # MLP sub-layer: out = mid + mlp_post(fc2(mid_norm(act(fc1(norm2(mid))))))
-        r_mid, r_mlp = lrp_add_conserving(mid, cache["mlp_out", b], relevance)
-        fc2_in = parts.mlp_mid_norm(cache["mlp_keys", b])
-        r_mlp = _through_post(parts.mlp_post, parts.fc2, fc2_in, r_mlp)
-        r_keys = lrp_linear_alpha1_beta0(fc2_in, parts.fc2.weight, r_mlp)  # mid norm, act: pass
-        r_mid = r_mid + lrp_linear_alpha1_beta0(parts.norm2(mid), parts.fc1.weight, r_keys)  # clone
+        r_mid, r_mlp = _add_relprop(mid, mlp_out, out, relevance)
+        r_mlp = _post_relprop(parts.mlp_post, mlp_out, r_mlp)
+        r_keys = linear(get("fc2_in"), parts.fc2, r_mlp, "fc2_out")  # mid norm, act: pass
+        r_u2 = linear(parts.norm2(saved["resid_mid"]).to(cd), parts.fc1, r_keys, "fc1_out")  # norm2: pass
+        r_mid = lrp_clone(mid, (r_mid, r_u2), clone_rule)
         # Attention sub-layer: mid = x + attn_post(proj(out_norm(A @ v)))
-        r_x, r_attn = lrp_add_conserving(x_in, cache["attn_out", b], r_mid)
-        proj_in = parts.attn_out_norm(cache["attn_keys", b])
-        r_attn = _through_post(parts.attn_post, parts.proj, proj_in, r_attn)
-        r_z = lrp_linear_alpha1_beta0(proj_in, parts.proj.weight, r_attn)
-        r_z = r_z.view(n, t, heads, hd).transpose(1, 2)  # (n, H, T, hd)
-        u1 = parts.norm1(x_in)
-        q, k, v = parts.qkv(u1)
-        r_a, r_v = lrp_matmul_z(cache["attn_probs", b], v, r_z)
+        r_x, r_attn = _add_relprop(x_in, attn_out, mid if exact_dtype else x_in + attn_out, r_mid)
+        r_attn = _post_relprop(parts.attn_post, attn_out, r_attn)
+        r_z = linear(get("proj_in"), parts.proj, r_attn, "proj_out")
+        r_z = r_z.view(n, k, heads, hd).transpose(1, 2)  # (n, H, k, hd)
+        # One contiguous copy each, so that every product below reads them without copying.
+        probs, v = get("attn_probs"), get("v").contiguous()
+        z = get("attn_keys").view(n, k, heads, hd).transpose(1, 2) if exact_dtype else probs @ v
+        r_a, r_v = _matmul_relprop(probs, v, z, r_z)  # A @ v: z-rule, halved
         if not go_on:
             return None, r_a
         # softmax, scale: pass; Q K^T with the z-rule on the unscaled q, k (as the authors).
-        r_q, r_kt = lrp_matmul_z(q, k.transpose(-1, -2), r_a)
+        q, kt = get("q").contiguous(), get("k").contiguous().transpose(-1, -2)
+        r_q, r_k = _matmul_relprop(q, kt, q @ kt, r_a)
+        if k < seq:  # back to the full sequence: the other query rows have no relevance
+            r_q = F.pad(r_q, (0, 0, 0, seq - k))
+            r_x = F.pad(r_x, (0, 0, 0, seq - k))
         r_qkv = torch.cat(
-            [r.transpose(1, 2).reshape(n, t, heads * hd) for r in (r_q, r_kt.transpose(-1, -2), r_v)], -1
+            [r.transpose(1, 2).reshape(n, seq, heads * hd) for r in (r_q, r_k.transpose(-1, -2), r_v)], -1
         )
-        r_u1 = lrp_linear_alpha1_beta0(u1, _qkv_weight(adapter, b), r_qkv)  # then norm1: pass
-        return r_x + r_u1, r_a  # clone
+        weight = _qkv_weight(adapter, parts, b).to(cd)
+        r_u1 = _linear_relprop(
+            parts.norm1(saved["resid_pre"]).to(cd), weight, r_qkv, parts=scratch
+        )  # norm1: pass
+        return lrp_clone(x_full, (r_x, r_u1), clone_rule), r_a
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 __all__ = [
@@ -441,4 +679,6 @@ __all__ = [
     "lrp_add_conserving",
     "lrp_select_z",
     "lrp_elementwise_z",
+    "lrp_clone",
+    "CLONE_RULES",
 ]

@@ -29,9 +29,9 @@ class RawAttention(Attribution):
     .. math:: \mathrm{map}_j = \frac{1}{H} \sum_h A_b[h, cls, j]
 
     for image tokens :math:`j` (prefix tokens excluded), as the "raw attention" baseline of
-    Chefer et al. (CVPR 2021), which uses the last block. Attention probabilities are
-    recomputed explicitly by the traced forward, so fused attention (timm) and SDPA (Hugging
-    Face) need not be switched off. Models without a class token raise
+    Chefer et al. (CVPR 2021), which uses the last block. The traced forward makes the
+    probabilities of that block explicit (the other blocks run fused attention), so fused
+    attention (timm) and SDPA (Hugging Face) need not be switched off. Models without a class token raise
     :class:`~captum_clsemb.errors.InputValidationError`.
 
     Args:
@@ -93,7 +93,10 @@ class RawAttention(Attribution):
                 if b == b_sel:
                     _got["row"] = acts["attn_probs"][:, :, cls, p:].mean(1)
 
-            trace(adapter, x[sl], record=["attn_probs"], on_block=on_block, store=False)
+            # Only the read block materialises its attention; the others run fused attention.
+            trace(
+                adapter, x[sl], record=["attn_probs"], on_block=on_block, store=False, record_blocks=[b_sel]
+            )
             out.append(got["row"])
         maps = torch.cat(out, 0).reshape(x.shape[0], 1, *adapter.grid_size)
         return upsample(maps, size)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_clsemb.adapters import ModelAdapter, adapt
@@ -114,54 +115,145 @@ def run_block(
     kinds: frozenset[str],
     edit: AttentionEdit | None = None,
     token_index: Tensor | None = None,
+    internals: dict[str, Tensor] | None = None,
+    query_prefix: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One block of the decomposed forward; returns the block output and the requested kinds.
 
     ``token_index`` is the model-order index (N, T') of the sequence's tokens when tokens were
     dropped (None: the full sequence); position-dependent parts (``rope``, ``attn_bias``) read it.
+
+    When nothing reads or edits the attention probabilities (no ``"attn_probs"`` in ``kinds``,
+    no ``edit``, no ``internals``), attention runs as one fused
+    :func:`torch.nn.functional.scaled_dot_product_attention` call (the bias as an additive
+    float mask), which never materialises the (N, heads, T, T) probabilities. Otherwise the
+    probabilities are computed explicitly.
+
+    ``internals``, when given, is filled with the block's intermediate tensors for methods
+    that need more than the recordable kinds (LRP): ``q``, ``k``, ``v`` (N, heads, T, head_dim,
+    after any rope), ``attn_probs``, ``attn_keys`` (the attention output A v, (N, T,
+    heads*head_dim)), ``proj_in``, ``proj_out`` (before ``attn_post``), ``attn_out``,
+    ``resid_mid``, ``fc1_out`` (before the activation; absent when ``parts.mlp_in`` is set),
+    ``fc2_in``, ``fc2_out`` (before ``mlp_post``), ``mlp_out``. Otherwise every intermediate
+    is released as soon as it is used, so the peak memory is that of the model's own block.
+
+    ``query_prefix``, when given, computes the block's output only for the first
+    ``query_prefix`` tokens (queries; keys and values still come from the whole sequence), as
+    the last block needs for a classifier that reads only prefix tokens. The output and every
+    recorded kind and internal then hold only those tokens, except ``resid_pre``, ``k`` and
+    ``v``; attention probabilities are (N, heads, query_prefix, T).
     """
     acts: dict[str, Tensor] = {}
     if "resid_pre" in kinds:
         acts["resid_pre"] = x
+    # Intermediates go to `internals` when asked for; otherwise each is freed as soon as it is used.
+    stash = internals.__setitem__ if internals is not None else _discard
     n, t, _ = x.shape
     q, k, v = parts.qkv(parts.norm1(x))
     if parts.rope is not None:
         q, k = parts.rope(q, k, token_index)
-    if parts.scale_before_matmul:
-        scores = (q * parts.scale) @ k.transpose(-2, -1)
+    if query_prefix is not None:
+        q, x = q[:, :, :query_prefix], x[:, :query_prefix]
+        t = query_prefix
+    if internals is not None:
+        internals.update(q=q, k=k, v=v)
+    if "attn_probs" in kinds or edit is not None or internals is not None:
+        if parts.scale_before_matmul:
+            scores = (q * parts.scale) @ k.transpose(-2, -1)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * parts.scale
+        if parts.attn_bias is not None:
+            scores = scores + _query_rows(parts.attn_bias(token_index), query_prefix)
+        probs = scores.softmax(dim=-1)
+        del scores
+        if edit is not None:
+            edited = edit(block, probs)
+            if not isinstance(edited, Tensor) or edited.shape != probs.shape:
+                raise InputValidationError(
+                    f"attention_edit must return a tensor of shape {tuple(probs.shape)} for block {block}"
+                )
+            probs = edited
+        if "attn_probs" in kinds:
+            acts["attn_probs"] = probs
+        stash("attn_probs", probs)
+        heads_out = probs @ v
+        del probs
     else:
-        scores = (q @ k.transpose(-2, -1)) * parts.scale
-    if parts.attn_bias is not None:
-        scores = scores + parts.attn_bias(token_index)
-    probs = scores.softmax(dim=-1)
-    if edit is not None:
-        edited = edit(block, probs)
-        if not isinstance(edited, Tensor) or edited.shape != probs.shape:
-            raise InputValidationError(
-                f"attention_edit must return a tensor of shape {tuple(probs.shape)} for block {block}"
-            )
-        probs = edited
-    if "attn_probs" in kinds:
-        acts["attn_probs"] = probs
-    z = (probs @ v).transpose(1, 2).reshape(n, t, -1)
+        # Fused attention: the probabilities are neither read nor edited.
+        bias = (
+            None
+            if parts.attn_bias is None
+            else _query_rows(parts.attn_bias(token_index), query_prefix).to(q.dtype)
+        )
+        heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=parts.scale)
+    del q, k, v
+    z = heads_out.transpose(1, 2).reshape(n, t, -1)
+    del heads_out
     if "attn_keys" in kinds:
         acts["attn_keys"] = z
-    attn_out = parts.attn_post(parts.proj(parts.attn_out_norm(z)))
-    mid = x + attn_out
-    keys = parts.mlp_keys(parts.norm2(mid))
-    if "mlp_keys" in kinds:
-        acts["mlp_keys"] = keys
-    mlp_out = parts.mlp_post(parts.fc2(parts.mlp_mid_norm(keys)))
-    out = mid + mlp_out
+    stash("attn_keys", z)
+    proj_in = parts.attn_out_norm(z)
+    del z
+    stash("proj_in", proj_in)
+    proj_out = parts.proj(proj_in)
+    del proj_in
+    stash("proj_out", proj_out)
+    attn_out = parts.attn_post(proj_out)
+    del proj_out
+    stash("attn_out", attn_out)
     if "attn_out" in kinds:
         acts["attn_out"] = attn_out
+    mid = x + attn_out
+    del attn_out, x
+    stash("resid_mid", mid)
     if "resid_mid" in kinds:
         acts["resid_mid"] = mid
+    if parts.mlp_in is None:
+        fc1_out = parts.fc1(parts.norm2(mid))
+        stash("fc1_out", fc1_out)
+        keys = parts.act(fc1_out)
+        del fc1_out
+    else:
+        keys = parts.mlp_in(parts.norm2(mid))
+    if "mlp_keys" in kinds:
+        acts["mlp_keys"] = keys
+    fc2_in = parts.mlp_mid_norm(keys)
+    del keys
+    stash("fc2_in", fc2_in)
+    fc2_out = parts.fc2(fc2_in)
+    del fc2_in
+    stash("fc2_out", fc2_out)
+    mlp_out = parts.mlp_post(fc2_out)
+    del fc2_out
+    stash("mlp_out", mlp_out)
     if "mlp_out" in kinds:
         acts["mlp_out"] = mlp_out
+    out = mid + mlp_out
     if "resid_post" in kinds:
         acts["resid_post"] = out
     return out, acts
+
+
+def classifier_prefix(adapter: ModelAdapter) -> int | None:
+    """How many leading tokens a class-token classifier reads (class and distillation tokens), or
+    None when it reads them all (global average pooling)."""
+    if adapter.pooling != "token" or not adapter.has_class_token:
+        return None
+    last = adapter.class_token_index
+    if adapter.head_dist is not None:
+        last = max(last, adapter.prefix_tokens.index("dist"))
+    return last + 1
+
+
+def _discard(name: str, value: Tensor) -> None:
+    pass
+
+
+def _query_rows(bias: Tensor, query_prefix: int | None) -> Tensor:
+    """The rows of an attention bias (..., T, T) for the first ``query_prefix`` queries."""
+    if query_prefix is None or bias.dim() < 2 or bias.shape[-2] == 1:
+        return bias
+    return bias[..., :query_prefix, :]
 
 
 def _record_kinds(record: str | Iterable[str]) -> frozenset[str]:
@@ -186,12 +278,15 @@ def trace(
     on_block: BlockCallback | None = None,
     store: bool = True,
     grad: bool = False,
+    record_blocks: Iterable[int] | None = None,
 ) -> Trace:
     r"""Run one batched decomposed forward, recording activations by name.
 
-    The forward recomputes every block from the model's own modules, with attention
-    probabilities made explicit, so it needs no hooks and leaves fused attention settings
-    alone. Without interventions, ``trace(model, x).logits`` equals ``model(x)`` (eval mode).
+    The forward recomputes every block from the model's own modules, so it needs no hooks
+    and leaves the model's fused-attention settings alone. Attention probabilities are made
+    explicit only in blocks that record or edit them; the other blocks run PyTorch's fused
+    ``scaled_dot_product_attention``, which never materialises the (N, heads, T, T) matrix.
+    Without interventions, ``trace(model, x).logits`` equals ``model(x)`` (eval mode).
     The model is put in eval mode for the pass and its per-module train/eval flags are
     restored afterwards, also when an error is raised.
 
@@ -210,6 +305,9 @@ def trace(
         store: keep the recorded activations in the returned cache. Set False with
             ``on_block`` to hold only one block at a time.
         grad: build the autograd graph (for gradient methods). Default: False (no_grad).
+        record_blocks: record ``record`` only in these blocks (negatives count from the end);
+            the other blocks record nothing (and, unless edited, use fused attention), and
+            ``on_block`` gets an empty dict for them. Default: all blocks.
     Returns:
         :class:`Trace` with logits, cache and token index.
 
@@ -222,7 +320,22 @@ def trace(
     adapter = adapt(model)
     x = adapter.check_inputs(inputs)
     kinds = _record_kinds(record)
+    if edit_blocks is not None:
+        edit_blocks = list(edit_blocks)  # read twice below
     edit = resolve_attention_edit(attention_edit, adapter, edit_blocks)
+    nb = adapter.num_blocks
+    edited = None if edit is None or edit_blocks is None else set(edit_blocks)
+    if record_blocks is None:
+        recorded = set(range(nb))
+    else:
+        recorded = set()
+        for b in record_blocks:
+            if isinstance(b, bool) or not isinstance(b, int) or not -nb <= b < nb:
+                raise InputValidationError(
+                    f"record_blocks must hold block indices in {-nb}..{nb - 1} (the model has {nb} blocks), "
+                    f"got {b!r}"
+                )
+            recorded.add(b % nb)
     n = x.shape[0]
     cache = ActivationCache(adapter.num_blocks)
     with adapter.eval_mode(), torch.set_grad_enabled(grad):
@@ -233,8 +346,16 @@ def trace(
             token_index = keep_token_index(adapter, keep_tokens.to(h.device), n)
             h = h.gather(1, token_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
             dropped = token_index
-        for b in range(adapter.num_blocks):
-            h, acts = run_block(adapter.block(b), h, b, kinds, edit, token_index=dropped)
+        for b in range(nb):
+            block_kinds = kinds if b in recorded else frozenset()
+            block_edit = edit if edited is None or b in edited else None  # unedited blocks may fuse
+            # The last block, when nothing reads it, only for the tokens the classifier reads.
+            prefix = (
+                classifier_prefix(adapter) if b == nb - 1 and not block_kinds and block_edit is None else None
+            )
+            h, acts = run_block(
+                adapter.block(b), h, b, block_kinds, block_edit, token_index=dropped, query_prefix=prefix
+            )
             if on_block is not None:
                 on_block(b, acts)
             if store:

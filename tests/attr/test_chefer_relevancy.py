@@ -3,7 +3,10 @@ Chefer-style computation (autograd relprop as in layers_ours.py), batching, timm
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from conftest import images, model_logits, small_hf, small_timm
@@ -15,6 +18,7 @@ from captum_clsemb import InputValidationError
 from captum_clsemb.attr.chefer_relevancy import (
     CheferRelevancy,
     lrp_add_conserving,
+    lrp_clone,
     lrp_elementwise_z,
     lrp_linear_alpha1_beta0,
     lrp_matmul_z,
@@ -22,6 +26,7 @@ from captum_clsemb.attr.chefer_relevancy import (
     safe_divide,
 )
 from captum_clsemb.convert import timm_to_hf
+from captum_clsemb.errors import UnsupportedModelError
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=8, depth=3, num_heads=2, num_classes=3)
 TINY_HF = dict(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
@@ -178,6 +183,18 @@ def ref_add(a, b, R):
     return ra * ref_safe_div(fa, ra.sum()), rb * ref_safe_div(fb, rb.sum())
 
 
+def ref_clone(x, rs, rule):
+    """Branch point: "exact" sums; "chefer" is layers_ours.Clone.relprop (Z = [X, X], S_i = R_i / Z_i,
+    R = X * dZ/dX^T S by autograd)."""
+    if rule == "exact":
+        return rs[0] + rs[1]
+    X = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        Z = [X for _ in rs]
+        C = torch.autograd.grad(Z, X, [ref_safe_div(r, X) for r in rs])[0]
+    return X.detach() * C
+
+
 def mul_by(gamma):
     return lambda f: f * gamma
 
@@ -229,9 +246,10 @@ def model_structure(model):
     )  # fmt: skip
 
 
-def reference(model, x, target, start_block):
+def reference(model, x, target, start_block, clone="exact"):
     """Per example: explicit forward, backward of the logit, Chefer relprop, rollout. Returns
-    (maps (N, P), list of R_A per example, list of dA per example, logits)."""
+    (maps (N, P), list of R_A per example, list of dA per example, logits). ``clone`` is the
+    branch-point rule (see ref_clone)."""
     st = model_structure(model)
     maps, rel_all, grad_all, logit_all = [], [], [], []
     for i in range(x.shape[0]):
@@ -290,7 +308,7 @@ def reference(model, x, target, start_block):
                 r_m = ref_simple(mul_by(blk["g2"].detach()), [s["f2"]], r_m)[0]
             r_keys = ref_linear(s["keys"], blk["fc2"].weight.detach(), r_m)
             r_u2 = ref_linear(s["u2"], blk["fc1"].weight.detach(), r_keys)
-            R_mid = r_mid + r_u2
+            R_mid = ref_clone(s["mid"], [r_mid, r_u2], clone)
             r_x, r_a = ref_add(s["h"], s["a_out"], R_mid)
             if blk["g1"] is not None:
                 r_a = ref_simple(mul_by(blk["g1"].detach()), [s["pr"]], r_a)[0]
@@ -310,7 +328,7 @@ def reference(model, x, target, start_block):
                 r_u1 = ref_linear(s["u1"], blk["qkv_single"], torch.cat(flat, -1))
             else:  # three Linears (HF): each output's denominator is its own
                 r_u1 = sum(ref_linear(s["u1"], w_, f_) for w_, f_ in zip(blk["qkv_w"], flat))
-            R = r_x + r_u1
+            R = ref_clone(s["h"], [r_x, r_u1], clone)
         cams = [(g_[0] * r_[0]).clamp(min=0).mean(0) for g_, r_ in zip(grads, rel)]
         eye = torch.eye(cams[0].shape[-1], dtype=cams[0].dtype)
         joint = cams[start_block] + eye
@@ -446,3 +464,119 @@ def test_grad_mode_model_state_and_param_grads_untouched() -> None:
     assert all(p.grad is None for p in model.parameters())
     model.eval()
     torch.testing.assert_close(inside, cr.attribute(x, target=[1, 2]))  # eval-mode result either way
+
+
+# -- (f) the authors' branch-point rule, precision, frozen parameters ----------------------------------
+def zero_channel(model: nn.Module, channel: int = 0) -> nn.Module:
+    """Residual-stream channel ``channel`` exactly 0 in every block: no embedding, attention or MLP
+    output writes it (while the layer norms still give it a non-zero value)."""
+    with torch.no_grad():
+        model.patch_embed.proj.weight[channel] = 0
+        model.patch_embed.proj.bias[channel] = 0
+        model.cls_token[..., channel] = 0
+        model.pos_embed[..., channel] = 0
+        for blk in model.blocks:
+            for lin in (blk.attn.proj, blk.mlp.fc2):
+                lin.weight[channel] = 0
+                lin.bias[channel] = 0
+    return model
+
+
+@pytest.mark.parametrize("zeroed", [False, True], ids=["random", "zero_channel"])
+def test_clone_rule_chefer_matches_the_authors_clone_relprop(zeroed: bool) -> None:
+    model = tiny_timm()
+    if zeroed:
+        zero_channel(model)
+    x, target = x16(3), torch.tensor([2, 0, 1])
+    cr = CheferRelevancy(model)
+    for start in (0, 1):
+        exact = cr.attribute(x, target=target, start_block=start)
+        chefer = cr.attribute(x, target=target, start_block=start, clone_rule="chefer")
+        ref_exact, *_ = reference(model, x, target, start)
+        ref_chefer, rel_chefer, _, _ = reference(model, x, target, start, clone="chefer")
+        torch.testing.assert_close(exact.flatten(1), ref_exact, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(chefer.flatten(1), ref_chefer, rtol=1e-8, atol=1e-10)
+        # The option changes exactly the branch points: the difference itself is reproduced.
+        diff, ref_diff = (chefer - exact).flatten(1), ref_chefer - ref_exact
+        assert diff.abs().max() > 0
+        torch.testing.assert_close(diff, ref_diff, rtol=1e-4, atol=1e-13)
+    rel, _ = cr.attention_relevance(x, target=target, clone_rule="chefer")
+    torch.testing.assert_close(rel, torch.stack(rel_chefer), rtol=1e-8, atol=1e-10)
+    if zeroed:
+        # Where the residual stream is exactly 0 the authors' rule drops the relevance that the
+        # layer norm's branch gives it, which changes the per-example totals: the maps differ.
+        assert not torch.allclose(chefer, exact, rtol=1e-2, atol=0)
+    else:
+        # Elsewhere it only rescales by X / (X + 1e-9): equal to float64 precision near 1e-9.
+        torch.testing.assert_close(chefer, exact, rtol=1e-6, atol=0)
+    with pytest.raises(InputValidationError, match="clone_rule"):
+        cr.attribute(x, target=target, clone_rule="authors")
+
+
+def test_lrp_clone_closed_form() -> None:
+    x = torch.tensor([[2.0, 0.0, -1e-9, 1e-12]], dtype=torch.float64)
+    r1 = torch.tensor([[1.0, 3.0, 5.0, 2.0]], dtype=torch.float64)
+    r2 = torch.tensor([[0.5, -1.0, 1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(lrp_clone(x, (r1, r2)), r1 + r2, rtol=0, atol=0)
+    # x / (x + 1e-9) per entry; 0 where x == 0; x = -1e-9 divides by 1e-9 (the authors' safe_divide).
+    factor = torch.tensor([[2 / (2 + 1e-9), 0.0, -1.0, 1e-12 / (1e-12 + 1e-9)]], dtype=torch.float64)
+    torch.testing.assert_close(lrp_clone(x, (r1, r2), "chefer"), (r1 + r2) * factor, rtol=1e-12, atol=0)
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    return torch.stack([torch.corrcoef(torch.stack([u, v]))[0, 1] for u, v in zip(a, b)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_models_give_finite_maps_close_to_float32(dtype: torch.dtype) -> None:
+    from captum_clsemb import load_demo_images, load_demo_model
+
+    # The bundled model on its 200 images. Measured: median Pearson with the float32 maps 0.998
+    # (float16) / 0.993 (bfloat16), most relevant patch the same for 89% / 81% of the images.
+    model = load_demo_model()
+    x, y, _ = load_demo_images()
+    ref = CheferRelevancy(model).attribute(x, target=y)
+    out = CheferRelevancy(model.to(dtype)).attribute(x.to(dtype), target=y)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert pearson(out, ref).median() >= 0.98
+    assert (out.flatten(1).argmax(1) == ref.flatten(1).argmax(1)).double().mean() >= 0.7
+    # A random-init ViT (nearly uniform attention, so maps with little contrast): measured median
+    # Pearson 0.83 (float16) / 0.78 (bfloat16); the LRP rules divide by sums of activations that
+    # cancel, so the 2^-11 / 2^-8 rounding of the activations is amplified.
+    torch.manual_seed(0)
+    small = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=10).eval()
+    xs = torch.randn(16, 3, 64, 64)
+    ref = CheferRelevancy(small).attribute(xs, target=torch.arange(16) % 10)
+    out = CheferRelevancy(small.to(dtype)).attribute(xs.to(dtype), target=torch.arange(16) % 10)
+    assert torch.isfinite(out).all()
+    assert pearson(out, ref).median() >= 0.6
+
+
+def test_frozen_parameters() -> None:
+    model = tiny_timm(init_values=0.3)
+    x, target = x16(2), [1, 2]
+    expected = CheferRelevancy(model).attribute(x, target=target)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cr = CheferRelevancy(model)
+    torch.testing.assert_close(cr.attribute(x, target=target), expected, rtol=0, atol=0)
+    rel, grad = cr.attention_relevance(x, target=target)
+    assert grad.abs().max() > 0
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_models_without_rules_are_refused() -> None:
+    model = tiny_timm()
+    cr = CheferRelevancy(model)
+    block = cr.adapter.block
+
+    def rope(q, k, token_index):
+        return q, k
+
+    cr.adapter.block = lambda b: dataclasses.replace(block(b), rope=rope)
+    with pytest.raises(UnsupportedModelError, match="rotary position embedding"):
+        cr.attribute(x16(2), target=0)
+    cr.adapter.block = lambda b: dataclasses.replace(block(b), mlp_in=lambda u: u)
+    with pytest.raises(UnsupportedModelError, match="gated MLP"):
+        cr.attribute(x16(2), target=0)

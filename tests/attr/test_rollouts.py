@@ -183,3 +183,29 @@ def test_interpolation_and_errors() -> None:
         AttentionRollout(model).attribute(x, start_block=3)
     with pytest.raises(InputValidationError, match="block index"):
         RawAttention(model).attribute(x, block=5)
+
+
+def test_only_the_read_blocks_materialise_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captum_clsemb.trace import forward as forward_module
+
+    calls: list[int] = []
+    real = forward_module.F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    model = small_timm()  # 3 blocks
+    x = images(2)
+    _, attns = timm_attentions(model, x)
+    monkeypatch.setattr(forward_module.F, "scaled_dot_product_attention", counting)
+    # RawAttention of block 1: blocks 0 and 2 fused (block 2 only for the class token).
+    raw = RawAttention(model).attribute(x, block=1)
+    assert len(calls) == 2
+    torch.testing.assert_close(raw.flatten(1), attns[1][:, :, 0, 1:].mean(1), atol=1e-6, rtol=1e-5)
+    calls.clear()
+    out = AttentionRollout(model).attribute(x, start_block=2)
+    assert len(calls) == 2  # blocks 0 and 1 fused, block 2 explicit
+    torch.testing.assert_close(
+        out.flatten(1), direct_rollout(attns, "mean", 0.0, 2)[:, 1:], atol=1e-6, rtol=1e-5
+    )

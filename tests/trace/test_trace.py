@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import HF_VARIANTS, TIMM_VARIANTS, images, model_logits, small_hf, small_timm
 
 from captum_clsemb import InputValidationError
 from captum_clsemb.adapters import adapt
-from captum_clsemb.trace import RECORDABLE, trace
+from captum_clsemb.trace import RECORDABLE, run_block, trace
+from captum_clsemb.trace import forward as forward_module
 
 
 def test_records_every_kind_with_shapes() -> None:
@@ -223,3 +226,181 @@ def test_bad_inputs_raise_clear_errors() -> None:
         trace(model, torch.randn(1, 3, 32, 32, dtype=torch.float64))
     with pytest.raises(InputValidationError, match="cannot record"):
         trace(model, images(1), record=["nope"])
+
+
+# -- fused attention where nothing reads or edits the probabilities ---------------------------------
+def count_fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = forward_module.F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward_module.F, "scaled_dot_product_attention", counting)
+    return calls
+
+
+ALL_VARIANTS = {**TIMM_VARIANTS, **HF_VARIANTS}
+
+
+@pytest.mark.parametrize("variant", list(ALL_VARIANTS))
+def test_fused_attention_equals_the_explicit_path(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ALL_VARIANTS[variant]()
+    x = images(2)
+    expected = model_logits(model, x)
+    calls = count_fused_calls(monkeypatch)
+    fused = trace(model, x, record=["resid_post", "mlp_keys"])
+    assert len(calls) == 3  # every block fused
+    explicit = trace(model, x, record=["resid_post", "mlp_keys", "attn_probs"])
+    assert len(calls) == 3  # none: the probabilities are recorded
+    torch.testing.assert_close(fused.logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(explicit.logits, expected, atol=1e-5, rtol=0)
+    for b in range(3):
+        for kind in ("resid_post", "mlp_keys"):
+            torch.testing.assert_close(fused.cache[kind, b], explicit.cache[kind, b], atol=1e-5, rtol=1e-5)
+    trace(model, x, attention_edit=lambda b, p: p.clone(), edit_blocks=[1])
+    assert len(calls) == 5  # the edited block is explicit, the other two fused
+    if adapt(model).pooling == "token":
+        keep = torch.tensor([[0, 3, 5, 6, 15], [1, 2, 3, 4, 9]])
+        torch.testing.assert_close(
+            trace(model, x, keep_tokens=keep).logits,
+            trace(model, x, keep_tokens=keep, record=["attn_probs"]).logits,
+            atol=1e-5,
+            rtol=0,
+        )
+
+
+def with_rope_and_bias(model: torch.nn.Module, scale_before_matmul: bool | None = None, seed: int = 0):
+    """The model's adapter with a rotary embedding and a relative position bias added to every block
+    (random tables indexed by the model-order token index), as the families that use them do."""
+    adapter = adapt(model)
+    block = adapter.block
+    g = torch.Generator().manual_seed(seed)
+    t, heads, hd = adapter.num_tokens, adapter.num_heads, adapter.head_dim
+    table = torch.randn(heads, t, t, generator=g)
+    angles = torch.randn(t, hd // 2, generator=g) * 3
+
+    def rope(q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor | None):
+        idx = torch.arange(q.shape[2]).expand(q.shape[0], -1) if token_index is None else token_index
+        cos, sin = angles[idx].cos()[:, None], angles[idx].sin()[:, None]  # (N, 1, T', hd/2)
+
+        def rot(u: torch.Tensor) -> torch.Tensor:
+            u1, u2 = u[..., ::2], u[..., 1::2]
+            return torch.stack([u1 * cos - u2 * sin, u1 * sin + u2 * cos], -1).flatten(-2)
+
+        return rot(q), rot(k)
+
+    def attn_bias(token_index: torch.Tensor | None) -> torch.Tensor:
+        if token_index is None:
+            return table  # (H, T, T), broadcast over examples
+        return table[:, token_index[:, :, None], token_index[:, None, :]].transpose(0, 1)  # (N, H, T', T')
+
+    def parts(b: int):
+        p = dataclasses.replace(block(b), rope=rope, attn_bias=attn_bias)
+        if scale_before_matmul is not None:
+            p = dataclasses.replace(p, scale_before_matmul=scale_before_matmul)
+        return p
+
+    adapter.block = parts
+    return adapter
+
+
+@pytest.mark.parametrize("scale_first", [True, False])
+@pytest.mark.parametrize("variant", ["cls_token", "registers", "hf_vit"])
+def test_fused_path_applies_rope_and_attention_bias(
+    variant: str, scale_first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = ALL_VARIANTS[variant]()
+    adapter = with_rope_and_bias(model, scale_first)
+    x = images(2)
+    calls = count_fused_calls(monkeypatch)
+    fused = trace(adapter, x, record=["resid_post"])
+    assert len(calls) == 3
+    explicit = trace(adapter, x, record=["resid_post", "attn_probs"])
+    torch.testing.assert_close(fused.logits, explicit.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        fused.cache["resid_post", 2], explicit.cache["resid_post", 2], atol=1e-5, rtol=1e-5
+    )
+    # rope and bias change the result, so a fused path that ignored either would fail above
+    assert not torch.allclose(fused.logits, model_logits(model, x), atol=1e-3)
+    keep = torch.tensor([[0, 3, 5, 6, 15], [1, 2, 3, 4, 9]])  # dropped tokens keep their positions
+    torch.testing.assert_close(
+        trace(adapter, x, keep_tokens=keep).logits,
+        trace(adapter, x, keep_tokens=keep, record=["attn_probs"]).logits,
+        atol=1e-5,
+        rtol=0,
+    )
+    assert not torch.allclose(trace(adapter, x, keep_tokens=keep).logits, fused.logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "rope_bias"])
+def test_query_prefix_computes_the_first_rows(with_extras: bool) -> None:
+    model = small_timm(reg_tokens=2)
+    adapter = with_rope_and_bias(model) if with_extras else adapt(model)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, adapter.num_tokens, adapter.embed_dim, generator=g)
+    parts = adapter.block(1)
+    with torch.no_grad():
+        for kinds in (frozenset(), frozenset({"attn_probs", "mlp_out"})):
+            full, full_acts = run_block(parts, x, 1, kinds)
+            part, part_acts = run_block(parts, x, 1, kinds, query_prefix=3)
+            assert part.shape == (2, 3, adapter.embed_dim)
+            torch.testing.assert_close(part, full[:, :3], atol=1e-6, rtol=1e-6)
+            for kind in kinds:
+                ref = full_acts[kind][:, :, :3] if kind == "attn_probs" else full_acts[kind][:, :3]
+                torch.testing.assert_close(part_acts[kind], ref, atol=1e-6, rtol=1e-6)
+
+
+def test_record_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = small_timm()
+    x = images(2)
+    full = trace(model, x, record=["attn_probs", "resid_post"]).cache
+    seen: dict[int, set[str]] = {}
+    calls = count_fused_calls(monkeypatch)
+    tr = trace(
+        model,
+        x,
+        record=["attn_probs", "resid_post"],
+        record_blocks=[0, -1],
+        on_block=lambda b, acts: seen.__setitem__(b, set(acts)),
+    )
+    assert len(calls) == 1  # block 1 records nothing: fused
+    assert sorted(tr.cache.keys()) == sorted(
+        f"blocks.{b}.{k}" for b in (0, 2) for k in ("attn_probs", "resid_post")
+    )
+    assert seen == {0: {"attn_probs", "resid_post"}, 1: set(), 2: {"attn_probs", "resid_post"}}
+    for key in tr.cache.keys():
+        torch.testing.assert_close(tr.cache[key], full[key])
+    torch.testing.assert_close(tr.logits, trace(model, x).logits, atol=1e-6, rtol=0)
+    for bad in ([3], [-4], [True], [0.5]):
+        with pytest.raises(InputValidationError, match="record_blocks"):
+            trace(model, x, record=["resid_post"], record_blocks=bad)
+
+
+@pytest.mark.parametrize("variant", ["cls_token", "distilled", "registers", "gap_fc_norm", "hf_deit_teacher"])
+def test_last_block_only_for_the_tokens_the_classifier_reads(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = ALL_VARIANTS[variant]()
+    x = images(2)
+    prefixes: list[int | None] = []
+    real = forward_module.run_block
+
+    def spy(*args, **kwargs):
+        prefixes.append(kwargs.get("query_prefix"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward_module, "run_block", spy)
+    logits = trace(model, x).logits
+    expected = {"cls_token": 1, "distilled": 2, "registers": 1, "gap_fc_norm": None, "hf_deit_teacher": 2}[
+        variant
+    ]
+    assert prefixes == [None, None, expected]
+    torch.testing.assert_close(logits, model_logits(model, x), atol=1e-5, rtol=0)
+    prefixes.clear()
+    trace(model, x, record=["resid_post"], record_blocks=[0])
+    assert prefixes == [None, None, expected]
+    prefixes.clear()
+    trace(model, x, record=["resid_post"])  # the last block is recorded: all of it
+    assert prefixes == [None, None, None]
