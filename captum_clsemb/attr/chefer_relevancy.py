@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from captum_clsemb._utils import TargetType, format_target
 from captum_clsemb.adapters import ModelAdapter, adapt
-from captum_clsemb.adapters.base import BlockParts, ConstantFactor
+from captum_clsemb.adapters.base import BlockParts, ConstantFactor, LayerScale
 from captum_clsemb.attr._explanation_utils import (
     captum_attribute,
     check_batch_size,
@@ -327,13 +327,16 @@ def _qkv_weight(parts: BlockParts) -> Tensor:
 
 
 def _layer_scale(module: object) -> Tensor | None:
-    """The gamma of a timm ``LayerScale`` (elementwise z-rule), else None (relevance passes through:
-    identity, or the block norm of a post-norm ``ResPostBlock``)."""
+    """The gamma of a layer scale (timm ``LayerScale``, or the adapters' :class:`LayerScale` over a
+    family's own gain: elementwise z-rule), else None (relevance passes through: identity, or the
+    block norm of a post-norm block)."""
+    if isinstance(module, LayerScale):
+        return module.gamma
     try:
-        from timm.layers import LayerScale
+        from timm.layers import LayerScale as TimmLayerScale
     except ImportError:
         return None
-    return module.gamma if isinstance(module, LayerScale) else None
+    return module.gamma if isinstance(module, TimmLayerScale) else None
 
 
 def _post_relprop(post: object, y: Tensor, relevance: Tensor) -> Tensor:
@@ -736,7 +739,7 @@ class CheferRelevancy(GradientAttribution):
         total = r.sum(-1)
         for i, reader in enumerate(readers):
             r_i = r[:, i * d : (i + 1) * d]
-            share = safe_divide(r_i.sum(-1), total) if len(readers) > 1 else torch.ones_like(total)
+            share = _share(r_i.sum(-1), total) if len(readers) > 1 else torch.ones_like(total)
             if reader == "cls":
                 relevance += lrp_select_z(normed, cls, r_i)
                 seed[:, cls] = share
@@ -827,6 +830,11 @@ class CheferRelevancy(GradientAttribution):
         weight = _qkv_weight(parts).to(cd)
         r_u1 = _linear_relprop(u1.to(cd), weight, r_qkv, parts=scratch)  # norm1: pass
         return lrp_clone(x_full, (r_x, r_u1), clone_rule), r_a
+
+
+def _share(part: Tensor, total: Tensor) -> Tensor:
+    """``part / total``, 0 where ``total == 0``."""
+    return torch.where(total != 0, part / total.masked_fill(total == 0, 1), 0.0)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
