@@ -39,7 +39,12 @@ def timm_mlp_parts(mlp: nn.Module) -> dict[str, object] | None:
             return mlp.act(mlp.fc1_g(x))
 
         return dict(
-            fc1=mlp.fc1_x, act=mlp.act, mlp_mid_norm=mlp.norm, fc2=mlp.fc2, mlp_in=swiglu, mlp_gate=swiglu_gate
+            fc1=mlp.fc1_x,
+            act=mlp.act,
+            mlp_mid_norm=mlp.norm,
+            fc2=mlp.fc2,
+            mlp_in=swiglu,
+            mlp_gate=swiglu_gate,
         )
     if type(mlp) is GluMlp and isinstance(mlp.fc1, nn.Linear) and mlp.chunk_dim == -1:
         half = mlp.fc1.out_features // 2
@@ -56,7 +61,9 @@ def timm_mlp_parts(mlp: nn.Module) -> dict[str, object] | None:
 
         fc1 = mlp.fc1
         signal = LinearView(lambda: fc1.weight[rows], lambda: None if fc1.bias is None else fc1.bias[rows])
-        return dict(fc1=signal, act=mlp.act, mlp_mid_norm=mlp.norm, fc2=mlp.fc2, mlp_in=glu, mlp_gate=glu_gate)
+        return dict(
+            fc1=signal, act=mlp.act, mlp_mid_norm=mlp.norm, fc2=mlp.fc2, mlp_in=glu, mlp_gate=glu_gate
+        )
     return None
 
 

@@ -24,9 +24,31 @@ CLS pooling (index select)             z-rule (:func:`lrp_select_z`)
 layer scale (timm ``init_values``)     elementwise linear layer, z-rule (:func:`lrp_elementwise_z`)
 =====================================  =============================================================
 
+Rules for the parts of other ViT families, in the same spirit (every one conserves relevance):
+
+=====================================  =============================================================
+rotary position embedding (timm Eva)   linear in q (and k): the z-rule of that linear map, i.e. of
+                                       each channel pair's 2x2 rotation (:func:`lrp_linear_map_z`);
+                                       unrotated prefix tokens pass
+relative position bias (BEiT)          a constant term of the scores, like a Linear's bias: takes
+                                       no relevance, R_A goes to ``Q K^T`` whole
+gated MLP (SwiGLU, GLU)                ``act(gate(u)) * fc1(u)``: the gate is a constant multiplier
+                                       (its elementwise z-rule passes), all relevance to the signal
+                                       branch ``fc1``, then alpha1-beta0; the gate branch gets none
+head chains (CLIP zero-shot)           linear maps (projection, class matrix) alpha1-beta0; L2
+                                       normalisation and logit scale are constant factors: pass
+mean of the patch tokens (DINOv2's     z-rule (:func:`lrp_mean_z`); DINOv2's classifier over
+second half, mean pooling)             ``[cls, patch mean]`` is one Linear, so alpha1-beta0 splits
+                                       the relevance between the halves
+=====================================  =============================================================
+
 Then, per block b >= ``start_block``: ``Abar_b = mean_h((dy_t/dA_b * R_{A_b})^+)`` and
 ``C = (Abar_B + I) ... (Abar_s + I)`` (no row normalisation); the map is the class-token
-row of C over the image tokens.
+row of C over the image tokens. For a head that reads more than the class token, the map
+is ``seed C``, the row vector ``seed`` holding each token's weight in the head's input
+(class token 1, each patch 1/P), each reader weighted by its share of the head's relevance:
+DINOv2 ``rho_cls C[cls] + rho_mean mean_j C[patch_j]``; mean pooling
+(``readout="patch_mean"``, an explicit option) ``mean_j C[patch_j]``.
 
 The one rule that differs from the authors' code is the branch point. Their
 ``Clone.relprop`` computes ``R = X * sum_i safe_divide(R_i, X)``, i.e. it multiplies the sum
@@ -364,7 +386,9 @@ class CheferRelevancy(GradientAttribution):
     ``s = start_block`` defaults to 1: the published ImageNet protocol
     (``generate_visualizations.py`` calls ``start_layer=1``) skips block 0.
 
-    Supported: class-token ViTs: timm ``VisionTransformer`` with ``global_pool='token'``
+    Supported: every model whose classifier reads the class token, and on request
+    (``readout="patch_mean"``) models that average the patch tokens. Class-token ViTs: timm
+    ``VisionTransformer`` with ``global_pool='token'``
     (register tokens, ``qkv_bias=False``, qk-norm and layer scale included; layer scale is
     an elementwise linear layer under the z-rule, so relevance passes through it), post-norm
     ``ResPostBlock`` (its block norms are norms: relevance passes through), DeiT-distilled
@@ -372,12 +396,30 @@ class CheferRelevancy(GradientAttribution):
     ``DeiTForImageClassificationWithTeacher``: the output ``(head(cls) + head_dist(dist)) / 2``
     is a residual-type Add of the two halves, split by :func:`lrp_add_conserving`, each head
     then alpha1-beta0 and index-select into its own token; the map is still read from the
-    class-token row), Hugging Face ``ViTForImageClassification`` / ``DeiTForImageClassification``.
-    Global-average-pooling models raise :class:`InputValidationError`: they have no class
-    token whose rollout row is the explanation.
+    class-token row), Hugging Face ``ViTForImageClassification`` / ``DeiTForImageClassification``;
+    timm ``Eva`` (EVA-02, ``vit_*_rope_*``: rotary embeddings, SwiGLU / GLU, layer scale,
+    post-norm blocks) and ``Beit`` / Hugging Face ``BeitForImageClassification`` (relative
+    position bias) with class-token pooling; Hugging Face DINOv2 classifiers (the head reads
+    ``[class token, patch mean]``: the map combines the class token's row and the patch rows,
+    each by its share of the head's relevance); CLIP zero-shot classifiers
+    (:class:`~captum_clsemb.zero_shot.ZeroShotClassifier`). The rules for these parts are in
+    the module docstring.
+
+    Refused, before any work, with what the head reads: models without a class token and
+    heads that do not read it (:class:`InputValidationError`; mean-pooled heads, e.g. the
+    released EVA-02 and BEiT classifiers, are explained with ``readout="patch_mean"``;
+    SigLIP's attention-pooling head is not), and models with a part that has no rule,
+    ``adapter.lrp_missing_rules()`` (:class:`UnsupportedModelError`; e.g. grouped-query
+    attention).
 
     Args:
         forward_func: a supported timm or Hugging Face ViT (or its adapter).
+        readout: the rollout rows the map reads. None (default): those of the tokens the head
+            reads, for heads that read the class token (the class-token row; DINOv2 see
+            above). ``"patch_mean"``: for heads that average the patch tokens (``pooling ==
+            "avg"``), the mean of the patch tokens' rows, ``mean_j C[patch_j]``, with the
+            relevance entering through the mean's z-rule. The class token's row does not
+            explain such a head, so it must be asked for.
 
     Examples::
 
@@ -387,6 +429,8 @@ class CheferRelevancy(GradientAttribution):
         >>> cr = CheferRelevancy(model)
         >>> maps = cr.attribute(images, target=labels)                  # (N, 1, 14, 14)
         >>> up = cr.attribute(images, target=labels, interpolate_to=224)  # (N, 1, 224, 224)
+        >>> eva = timm.create_model("eva02_base_patch14_224", pretrained=False, num_classes=10)
+        >>> CheferRelevancy(eva, readout="patch_mean").attribute(eva_images)  # a mean-pooled head
     """
 
     def __init__(self, forward_func: nn.Module | ModelAdapter, readout: str | None = None) -> None:
@@ -823,9 +867,7 @@ class CheferRelevancy(GradientAttribution):
             # q, k above are rotated; the rotation is linear in (q, k): its z-rule (per 2x2 pair).
             q0, k0, _ = parts.qkv(u1)
             rope = parts.rope
-            r_q, r_k = lrp_linear_map_z(
-                lambda a, c: rope(a, c, None), (q0.to(cd), k0.to(cd)), (r_q, r_k)
-            )
+            r_q, r_k = lrp_linear_map_z(lambda a, c: rope(a, c, None), (q0.to(cd), k0.to(cd)), (r_q, r_k))
         r_qkv = torch.cat([r.transpose(1, 2).reshape(n, seq, heads * hd) for r in (r_q, r_k, r_v)], -1)
         weight = _qkv_weight(parts).to(cd)
         r_u1 = _linear_relprop(u1.to(cd), weight, r_qkv, parts=scratch)  # norm1: pass

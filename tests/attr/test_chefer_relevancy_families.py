@@ -77,7 +77,11 @@ def ref_rope_z(x, emb, half, R):
     y = x * cos + _rot(x, half) * sin
     S = ref_safe_div(R, y)
     D = x.shape[-1]
-    a, b = (torch.arange(0, D, 2), torch.arange(1, D, 2)) if not half else (torch.arange(D // 2), torch.arange(D // 2, D))
+    a, b = (
+        (torch.arange(0, D, 2), torch.arange(1, D, 2))
+        if not half
+        else (torch.arange(D // 2), torch.arange(D // 2, D))
+    )
     out = torch.empty_like(x)
     ca, sa, cb, sb = (t.expand_as(x)[..., i] for t, i in ((cos, a), (sin, a), (cos, b), (sin, b)))
     out[..., a] = x[..., a] * (ca * S[..., a] + sb * S[..., b])
@@ -109,7 +113,11 @@ def eva_structure(m):
         d = a.num_heads * a.head_dim
         if a.qkv is not None:
             W = _split3(a.qkv.weight, d)
-            B = (a.q_bias, a.k_bias, a.v_bias) if getattr(a, "q_bias", None) is not None else _split3(a.qkv.bias, d)
+            B = (
+                (a.q_bias, a.k_bias, a.v_bias)
+                if getattr(a, "q_bias", None) is not None
+                else _split3(a.qkv.bias, d)
+            )
         else:
             W = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
             B = (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
@@ -355,7 +363,8 @@ def reference(model, x, target, start_block):
             H = blk["heads"]
             r_mid, r_m = ref_add(s["mid"], s["m_out"], R)
             if blk["g2"] is not None:
-                r_m = ref_simple(lambda f, g=blk["g2"].detach(): f * g, [s["f2"]], r_m)[0]
+                g2 = blk["g2"].detach()
+                r_m = ref_simple(lambda f, g=g2: f * g, [s["f2"]], r_m)[0]
             r_keys = ref_linear(s["kn"], blk["fc2"].weight.detach(), r_m)  # mid norm: passes
             if blk["gated"]:  # keys = gate * signal, the gate a constant: R_signal = R_keys
                 r_u2 = ref_linear(s["u2"], blk["w_sig"].detach(), r_keys)
@@ -363,13 +372,18 @@ def reference(model, x, target, start_block):
                 r_u2 = ref_linear(s["u2"], blk["fc1"].weight.detach(), r_keys)
             r_x, r_a = ref_add(s["h"], s["a_out"], r_mid + r_u2)
             if blk["g1"] is not None:
-                r_a = ref_simple(lambda f, g=blk["g1"].detach(): f * g, [s["pr"]], r_a)[0]
+                g1 = blk["g1"].detach()
+                r_a = ref_simple(lambda f, g=g1: f * g, [s["pr"]], r_a)[0]
             r_o = _heads(ref_linear(s["on"], blk["proj"].weight.detach(), r_a), H)  # inner norm passes
-            cam1, cam_v = ref_simple(lambda a_, v_: torch.einsum("bhij,bhjd->bhid", a_, v_), [s["A"], s["v"]], r_o)
+            cam1, cam_v = ref_simple(
+                lambda a_, v_: torch.einsum("bhij,bhjd->bhid", a_, v_), [s["A"], s["v"]], r_o
+            )
             cam1, cam_v = cam1 / 2, cam_v / 2
             rel[b] = cam1
             # softmax, scale and the bias pass: all of R_A to q k^T
-            cam_q, cam_k = ref_simple(lambda q_, k_: torch.einsum("bhid,bhjd->bhij", q_, k_), [s["q"], s["k"]], cam1)
+            cam_q, cam_k = ref_simple(
+                lambda q_, k_: torch.einsum("bhid,bhjd->bhij", q_, k_), [s["q"], s["k"]], cam1
+            )
             cam_q, cam_k = cam_q / 2, cam_k / 2
             if blk["rope"] is not None:
                 cam_q = blk["rope"]["relprop"](s["q0"], cam_q)
@@ -416,7 +430,9 @@ def test_map_matches_independent_float64_reference(name: str) -> None:
     x = images(3).double()
     target = torch.tensor([0, 6, 3])
     ref_maps, ref_rel, ref_grad, ref_logits, cons = reference(model, x, target, start_block=1)
-    torch.testing.assert_close(ref_logits, model_logits(model, x), rtol=1e-10, atol=1e-10)  # the reference is the model
+    torch.testing.assert_close(
+        ref_logits, model_logits(model, x), rtol=1e-10, atol=1e-10
+    )  # the reference is the model
     assert cons < 1e-6  # every block input's relevance sums to 1: the rules conserve
     cr = CheferRelevancy(model, readout=CASES[name])
     out = cr.attribute(x, target=target)
@@ -440,7 +456,9 @@ def test_float32_models_run_and_match_float64() -> None:
         readout = CASES[name]
         x = images(2)
         a = CheferRelevancy(m32, readout=readout).attribute(x, target=[1, 2])
-        b = CheferRelevancy(FAMILY_VARIANTS[name]().double(), readout=readout).attribute(x.double(), target=[1, 2])
+        b = CheferRelevancy(FAMILY_VARIANTS[name]().double(), readout=readout).attribute(
+            x.double(), target=[1, 2]
+        )
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
 
@@ -471,11 +489,13 @@ def test_gated_mlps_are_gate_times_signal(name: str) -> None:
 def test_refusals_say_what_the_head_reads() -> None:
     siglip = FAMILY_VARIANTS["siglip_zero_shot"]()
     reads_map = "its head reads an attention-pooled summary of all tokens \\(attention-pooling head\\)"
-    with pytest.raises(InputValidationError, match=f"ZeroShotClassifier over SiglipModel has no class token: {reads_map}"):
+    with pytest.raises(
+        InputValidationError, match=f"ZeroShotClassifier over SiglipModel has no class token: {reads_map}"
+    ):
         CheferRelevancy(siglip)
     with pytest.raises(InputValidationError, match=f"has no class token: {reads_map}"):
-        adapt(siglip).class_token_index
-    with pytest.raises(InputValidationError, match=f"reads an attention-pooled summary.*not defined"):
+        _ = adapt(siglip).class_token_index
+    with pytest.raises(InputValidationError, match="reads an attention-pooled summary.*not defined"):
         CheferRelevancy(siglip, readout="patch_mean")
     assert "attention-pooling head" in adapt(siglip).lrp_missing_rules()[0]
     dinov2 = FAMILY_VARIANTS["hf_dinov2"]()
@@ -493,7 +513,9 @@ def test_refusals_say_what_the_head_reads() -> None:
             "not the class token.*readout='patch_mean'",
         ):
             CheferRelevancy(FAMILY_VARIANTS[name]())
-    with pytest.raises(InputValidationError, match="has no class token: its head reads the mean.*readout='patch_mean'"):
+    with pytest.raises(
+        InputValidationError, match="has no class token: its head reads the mean.*readout='patch_mean'"
+    ):
         CheferRelevancy(FAMILY_VARIANTS["vit_rope_reg_gap"]())
     with pytest.raises(InputValidationError, match="readout must be None"):
         CheferRelevancy(dinov2, readout="cls")
