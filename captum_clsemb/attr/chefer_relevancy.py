@@ -439,9 +439,14 @@ class CheferRelevancy(GradientAttribution):
         self.readout = self._check_readout(readout)
         missing = self.adapter.lrp_missing_rules()
         if missing:
+            instead = (
+                "CheferGradientRollout or AttentionRollout"
+                if self.adapter.has_class_token
+                else "BlockwiseIdentifiability or the perturbation metrics"
+            )
             raise UnsupportedModelError(
                 f"CheferRelevancy has no LRP rule for parts of {self.adapter.model_name}: "
-                f"{'; '.join(missing)}. Use CheferGradientRollout or AttentionRollout for this model"
+                f"{'; '.join(missing)}. Use {instead} for this model"
             )
 
     # -- public API ---------------------------------------------------------------------------------

@@ -439,6 +439,9 @@ def test_map_matches_independent_float64_reference(name: str) -> None:
     assert out.shape == (3, 1, 4, 4)
     rel, grad = cr.attention_relevance(x, target=target)
     torch.testing.assert_close(out.flatten(1), ref_maps, rtol=1e-8, atol=1e-12)
+    # mean-pooled maps carry the identity's constant 1/P: their variation is checked on its own
+    centred = out.flatten(1) - out.flatten(1).mean(1, keepdim=True)
+    torch.testing.assert_close(centred, ref_maps - ref_maps.mean(1, keepdim=True), rtol=1e-7, atol=1e-14)
     torch.testing.assert_close(rel, torch.stack(ref_rel), rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(grad, torch.stack(ref_grad), rtol=1e-8, atol=1e-12)
     ref0, *_ = reference(model, x, None, start_block=0)
