@@ -23,18 +23,29 @@ def timm_mlp_parts(mlp: nn.Module) -> dict[str, object] | None:
 
     Gated MLPs compute their key coefficients ``act(gate(x)) * signal(x)`` in ``mlp_in``;
     ``fc1`` is then the signal branch (the linear map the coefficients are linear in when the
-    gate is held fixed), ``fc2`` holds the value vectors as for a plain MLP.
+    gate is held fixed), ``mlp_gate`` the gate multiplier ``act(gate(x))``, ``fc2`` holds the
+    value vectors as for a plain MLP.
     """
     from timm.layers import GluMlp, Mlp, SwiGLU
 
     if type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear):
-        return dict(fc1=mlp.fc1, act=mlp.act, mlp_mid_norm=mlp.norm, fc2=mlp.fc2, mlp_in=None)
+        return dict(fc1=mlp.fc1, act=mlp.act, mlp_mid_norm=mlp.norm, fc2=mlp.fc2, mlp_in=None, mlp_gate=None)
     if type(mlp) is SwiGLU:
 
         def swiglu(x: Tensor) -> Tensor:
             return mlp.act(mlp.fc1_g(x)) * mlp.fc1_x(x)
 
-        return dict(fc1=mlp.fc1_x, act=mlp.act, mlp_mid_norm=mlp.norm, fc2=mlp.fc2, mlp_in=swiglu)
+        def swiglu_gate(x: Tensor) -> Tensor:
+            return mlp.act(mlp.fc1_g(x))
+
+        return dict(
+            fc1=mlp.fc1_x,
+            act=mlp.act,
+            mlp_mid_norm=mlp.norm,
+            fc2=mlp.fc2,
+            mlp_in=swiglu,
+            mlp_gate=swiglu_gate,
+        )
     if type(mlp) is GluMlp and isinstance(mlp.fc1, nn.Linear) and mlp.chunk_dim == -1:
         half = mlp.fc1.out_features // 2
         # gate_last: x1 * act(x2) (signal = first half); else act(x1) * x2 (signal = second half)
@@ -44,9 +55,15 @@ def timm_mlp_parts(mlp: nn.Module) -> dict[str, object] | None:
             x1, x2 = mlp.fc1(x).chunk(2, dim=-1)
             return x1 * mlp.act(x2) if mlp.gate_last else mlp.act(x1) * x2
 
+        def glu_gate(x: Tensor) -> Tensor:
+            x1, x2 = mlp.fc1(x).chunk(2, dim=-1)
+            return mlp.act(x2) if mlp.gate_last else mlp.act(x1)
+
         fc1 = mlp.fc1
         signal = LinearView(lambda: fc1.weight[rows], lambda: None if fc1.bias is None else fc1.bias[rows])
-        return dict(fc1=signal, act=mlp.act, mlp_mid_norm=mlp.norm, fc2=mlp.fc2, mlp_in=glu)
+        return dict(
+            fc1=signal, act=mlp.act, mlp_mid_norm=mlp.norm, fc2=mlp.fc2, mlp_in=glu, mlp_gate=glu_gate
+        )
     return None
 
 

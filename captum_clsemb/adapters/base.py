@@ -23,6 +23,14 @@ from captum_clsemb.errors import InputValidationError
 
 QKVFn = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 
+# what the classifier head reads, by ``ModelAdapter.pooling``
+HEAD_READS = {
+    "token": "the class token",
+    "avg": "the mean of the patch tokens (global average pooling)",
+    "cls+avg": "the class token concatenated with the mean of the patch tokens",
+    "map": "an attention-pooled summary of all tokens (attention-pooling head)",
+}
+
 
 def identity(x: Tensor) -> Tensor:
     return x
@@ -77,6 +85,33 @@ class LinearView(nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
+class ConstantFactor(nn.Module):
+    r"""A step of a classifier head that multiplies its input by a positive per-example factor.
+
+    ``y = c(x) x`` with ``c(x) > 0`` a scalar per example (an L2 normalisation, a logit
+    scale). Relevance methods hold the factor constant: an elementwise linear map whose
+    relevance passes through unchanged (see :attr:`ModelAdapter.head_path`).
+    """
+
+
+class L2Normalize(ConstantFactor):
+    r"""``x / ||x||_2`` over the last dimension (the image embedding of CLIP-style heads)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / x.norm(p=2, dim=-1, keepdim=True)
+
+
+class Scale(ConstantFactor):
+    r"""``x * s`` with a positive scalar ``s`` read, on each call, from the model (a logit scale)."""
+
+    def __init__(self, factor: Callable[[], Tensor]) -> None:
+        super().__init__()
+        self._factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self._factor()
+
+
 @dataclass(frozen=True)
 class BlockParts:
     r"""The computation of one transformer block, as callables over the model's own modules.
@@ -89,7 +124,8 @@ class BlockParts:
         z = concat_h(A_h v_h)                         # attention key coefficients (N, T, heads*head_dim)
         attn_out = attn_post(proj(attn_out_norm(z)))  # added to the residual
         mid = x + attn_out
-        keys = act(fc1(norm2(mid)))                   # MLP key coefficients (mlp_in if set)
+        keys = act(fc1(norm2(mid)))                   # MLP key coefficients (mlp_in if set:
+                                                      #   gated MLPs, keys = mlp_gate(u) * fc1(u))
         mlp_out = mlp_post(fc2(mlp_mid_norm(keys)))   # added to the residual
         out = mid + mlp_out
 
@@ -124,6 +160,10 @@ class BlockParts:
     attn_bias: Callable[[Tensor | None], Tensor] | None = None
     # mlp_in(normed) -> MLP key coefficients (N, T, M), replacing act(fc1(normed)) (e.g. SwiGLU).
     mlp_in: Callable[[Tensor], Tensor] | None = None
+    # Gated MLPs (SwiGLU / GLU): mlp_gate(normed) -> the gate multiplier act(gate(normed)) (N, T, M),
+    # such that mlp_in(normed) == mlp_gate(normed) * fc1(normed) with fc1 the signal branch; methods
+    # that treat the gate as a constant multiplier (LRP) need it. None for plain MLPs.
+    mlp_gate: Callable[[Tensor], Tensor] | None = None
 
     def mlp_keys(self, normed: Tensor) -> Tensor:
         """MLP key coefficients of the (already normed) MLP input."""
@@ -170,32 +210,69 @@ class ModelAdapter(abc.ABC):
         """Whether the classifier head reads the class token (False for mean / attention pooling)."""
         return self.has_class_token and self.pooling in ("token", "cls+avg")
 
-    # the classifier path when it is more than norm, pooling and one linear head (None: plain head)
+    # a description of the classifier path when it is not a chain of linear maps and constant
+    # factors (:attr:`head_path` is then None), e.g. an attention-pooling head
     head_structure: str | None = None
 
-    def lrp_missing_rules(self) -> list[str]:
-        r"""The parts of this model that layer-wise relevance propagation has no rule for yet.
+    @property
+    def model_name(self) -> str:
+        """The model's class name, as messages show it."""
+        return type(self.model).__name__
 
-        Empty for the plain ViT families. Methods built on LRP (Chefer et al.) refuse models
-        for which this is non-empty rather than propagate through a part they treat wrongly.
+    @property
+    def head_reads(self) -> str:
+        """What the classifier head reads, in words (from :attr:`pooling`)."""
+        return HEAD_READS.get(self.pooling, f"its tokens pooled as {self.pooling!r}")
+
+    @property
+    def head_path(self) -> tuple[nn.Module, ...] | None:
+        r"""The classifier head after pooling, as a chain of steps applied in order.
+
+        The chain's input is what the head reads after :meth:`post_pool_norm`: the class
+        token (``pooling="token"``), the mean of the patch tokens (``"avg"``) or their
+        concatenation ``[class token, patch mean]`` (``"cls+avg"``). Each step is a linear map
+        (``weight``, ``bias``: an ``nn.Linear`` or :class:`LinearView`) or a
+        :class:`ConstantFactor` (L2 normalisation, logit scale); the chain's output is the
+        logits (for distilled models, the class-token head's: :attr:`head_dist` adds the
+        other half). Relevance methods (LRP) propagate through it step by step. None when
+        the head is not such a chain (see :attr:`head_structure`). Default: ``(head,)``.
         """
-        missing = []
-        parts = [self.block(b) for b in range(self.num_blocks)]
-        if any(p.rope is not None for p in parts):
-            missing.append("rotary position embedding (relevance through the rotation of q and k)")
-        if any(p.attn_bias is not None for p in parts):
-            missing.append("relative position bias (an additive attention-score term)")
-        if any(p.mlp_in is not None for p in parts):
-            missing.append("gated MLP (SwiGLU / GLU: relevance through the gate product)")
-        if self.head_structure is not None:
-            missing.append(self.head_structure)
+        return (self.head,)
+
+    def lrp_missing_rules(self) -> list[str]:
+        r"""The parts of this model that layer-wise relevance propagation has no rule for.
+
+        Rules exist for the plain ViT block and for rotary position embeddings, relative
+        position biases, gated MLPs that expose their gate (:attr:`BlockParts.mlp_gate`) and
+        heads that are chains of linear maps and constant factors (:attr:`head_path`).
+        Methods built on LRP (Chefer et al.) refuse models for which this is non-empty
+        rather than propagate through a part they treat wrongly.
+        """
+        missing: list[str] = []
+        inner = self.num_heads * self.head_dim
+        for b in range(self.num_blocks):
+            p = self.block(b)
+            if p.mlp_in is not None and p.mlp_gate is None:
+                what = "an MLP whose key coefficients are not a gate times a linear signal branch"
+                if what not in missing:
+                    missing.append(what)
+            w = p.qkv_weight
+            if w is None or tuple(w.shape) != (3 * inner, self.embed_dim):
+                what = (
+                    "attention without one (3 * heads * head_dim, embed_dim) q/k/v projection "
+                    "(e.g. grouped-query attention, k and v shared across heads)"
+                )
+                if what not in missing:
+                    missing.append(what)
+        if self.head_path is None:
+            missing.append(self.head_structure or f"a classifier head that reads {self.head_reads}")
         return missing
 
     @property
     def class_token_index(self) -> int:
         if not self.has_class_token:
             raise InputValidationError(
-                f"{type(self.model).__name__} has no class token (global average pooling); "
+                f"{self.model_name} has no class token: its head reads {self.head_reads}; "
                 "this analysis needs a class-token model"
             )
         return self.prefix_tokens.index("cls")

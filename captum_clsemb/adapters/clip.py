@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from captum_clsemb.adapters.base import BlockParts, LinearView, ModelAdapter, identity
+from captum_clsemb.adapters.base import (
+    BlockParts,
+    L2Normalize,
+    LinearView,
+    ModelAdapter,
+    Scale,
+    identity,
+)
 from captum_clsemb.adapters.hf_beit import hf_size, split_heads
 from captum_clsemb.errors import InputValidationError, UnsupportedModelError
 from captum_clsemb.zero_shot import ZeroShotClassifier
@@ -70,10 +77,11 @@ class ZeroShotAdapter(ModelAdapter):
             raise UnsupportedModelError(
                 f"{type(clip).__name__}: the vision layers do not have the transformers 5.x structure ({e})"
             ) from e
+        # CLIP's head is a chain of linear maps and constant factors (head_path); SigLIP's is not
         self.head_structure = (
-            "the zero-shot head ("
-            + ("attention-pooling head, " if self._siglip else "visual projection, ")
-            + "L2 normalisation, class text matrix)"
+            "the zero-shot head's attention-pooling head (attention over all tokens, then an MLP)"
+            if self._siglip
+            else None
         )
         self.prefix_tokens = () if self._siglip else ("cls",)
         self.pooling = "map" if self._siglip else "token"
@@ -155,6 +163,25 @@ class ZeroShotAdapter(ModelAdapter):
     def head(self) -> nn.Module:
         """The raw linear readout ``x -> E x (+ logit_bias)`` (a :class:`LinearView`)."""
         return self._head
+
+    @property
+    def model_name(self) -> str:
+        return f"ZeroShotClassifier over {type(self.model.model).__name__}"
+
+    @property
+    def head_path(self) -> tuple[nn.Module, ...] | None:
+        r"""CLIP: the visual projection, L2 normalisation, the unit class text matrix ``T_n``
+        (a :class:`LinearView`, no bias) and ``exp(logit_scale)``. None for SigLIP, whose
+        attention-pooling head is not such a chain."""
+        if self._siglip:
+            return None
+        clf = self.model
+        return (
+            clf.model.visual_projection,
+            L2Normalize(),
+            LinearView(clf.normalized_class_embeddings, lambda: None),
+            Scale(lambda: clf.logit_scale),
+        )
 
     def pre_pool_norm(self, states: Tensor) -> Tensor:
         return self._vision.post_layernorm(states)

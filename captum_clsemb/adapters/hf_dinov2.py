@@ -53,7 +53,6 @@ class HFDinov2Adapter(ModelAdapter):
     """
 
     family = "hf"
-    head_structure = "a head over the concatenation [class token, mean of patch tokens]"
 
     def __init__(self, model: nn.Module) -> None:
         name = type(model).__name__
@@ -107,6 +106,11 @@ class HFDinov2Adapter(ModelAdapter):
         """The lens head ``x -> (W_c + W_p) x + b`` (a :class:`LinearView` of the classifier)."""
         return self._head
 
+    @property
+    def head_path(self) -> tuple[nn.Module, ...]:
+        """The classifier itself, over ``[LN(cls), mean_j LN(patch_j)]`` (2 * hidden_size inputs)."""
+        return (self.model.classifier,)
+
     def pre_pool_norm(self, states: Tensor) -> Tensor:
         return self._backbone.layernorm(states)
 
@@ -159,9 +163,12 @@ class HFDinov2Adapter(ModelAdapter):
             def swiglu(x: Tensor) -> Tensor:
                 return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
-            fc1, act, fc2, mlp_in = mlp.up_proj, mlp.act_fn, mlp.down_proj, swiglu
+            def gate(x: Tensor) -> Tensor:
+                return mlp.act_fn(mlp.gate_proj(x))
+
+            fc1, act, fc2, mlp_in, mlp_gate = mlp.up_proj, mlp.act_fn, mlp.down_proj, swiglu, gate
         else:
-            fc1, act, fc2, mlp_in = mlp.fc1, mlp.activation_fn, mlp.fc2, None
+            fc1, act, fc2, mlp_in, mlp_gate = mlp.fc1, mlp.activation_fn, mlp.fc2, None, None
         return BlockParts(
             norm1=layer.norm1,
             qkv=qkv,
@@ -178,4 +185,5 @@ class HFDinov2Adapter(ModelAdapter):
             scale_before_matmul=False,
             qkv_weight=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], 0),
             mlp_in=mlp_in,
+            mlp_gate=mlp_gate,
         )

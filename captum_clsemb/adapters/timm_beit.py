@@ -155,4 +155,5 @@ class TimmBeitAdapter(ModelAdapter):
             qkv_weight=attn.qkv.weight,
             attn_bias=attn_bias if has_bias else None,
             mlp_in=mlp["mlp_in"],
+            mlp_gate=mlp["mlp_gate"],
         )

@@ -217,4 +217,5 @@ class TimmEvaAdapter(ModelAdapter):
             qkv_weight=qkv_weight,
             rope=None if self.model.rope is None else self._rope(index, attn),
             mlp_in=mlp["mlp_in"],
+            mlp_gate=mlp["mlp_gate"],
         )

@@ -24,9 +24,31 @@ CLS pooling (index select)             z-rule (:func:`lrp_select_z`)
 layer scale (timm ``init_values``)     elementwise linear layer, z-rule (:func:`lrp_elementwise_z`)
 =====================================  =============================================================
 
+Rules for the parts of other ViT families, in the same spirit (every one conserves relevance):
+
+=====================================  =============================================================
+rotary position embedding (timm Eva)   linear in q (and k): the z-rule of that linear map, i.e. of
+                                       each channel pair's 2x2 rotation (:func:`lrp_linear_map_z`);
+                                       unrotated prefix tokens pass
+relative position bias (BEiT)          a constant term of the scores, like a Linear's bias: takes
+                                       no relevance, R_A goes to ``Q K^T`` whole
+gated MLP (SwiGLU, GLU)                ``act(gate(u)) * fc1(u)``: the gate is a constant multiplier
+                                       (its elementwise z-rule passes), all relevance to the signal
+                                       branch ``fc1``, then alpha1-beta0; the gate branch gets none
+head chains (CLIP zero-shot)           linear maps (projection, class matrix) alpha1-beta0; L2
+                                       normalisation and logit scale are constant factors: pass
+mean of the patch tokens (DINOv2's     z-rule (:func:`lrp_mean_z`); DINOv2's classifier over
+second half, mean pooling)             ``[cls, patch mean]`` is one Linear, so alpha1-beta0 splits
+                                       the relevance between the halves
+=====================================  =============================================================
+
 Then, per block b >= ``start_block``: ``Abar_b = mean_h((dy_t/dA_b * R_{A_b})^+)`` and
 ``C = (Abar_B + I) ... (Abar_s + I)`` (no row normalisation); the map is the class-token
-row of C over the image tokens.
+row of C over the image tokens. For a head that reads more than the class token, the map
+is ``seed C``, the row vector ``seed`` holding each token's weight in the head's input
+(class token 1, each patch 1/P), each reader weighted by its share of the head's relevance:
+DINOv2 ``rho_cls C[cls] + rho_mean mean_j C[patch_j]``; mean pooling
+(``readout="patch_mean"``, an explicit option) ``mean_j C[patch_j]``.
 
 The one rule that differs from the authors' code is the branch point. Their
 ``Clone.relprop`` computes ``R = X * sum_i safe_divide(R_i, X)``, i.e. it multiplies the sum
@@ -43,7 +65,7 @@ Half precision: the forward runs in the model's dtype, the relevance rules in fl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +75,7 @@ from torch import Tensor, nn
 
 from captum_clsemb._utils import TargetType, format_target
 from captum_clsemb.adapters import ModelAdapter, adapt
-from captum_clsemb.adapters.base import BlockParts
+from captum_clsemb.adapters.base import BlockParts, ConstantFactor, LayerScale
 from captum_clsemb.attr._explanation_utils import (
     captum_attribute,
     check_batch_size,
@@ -66,6 +88,9 @@ from captum_clsemb.trace.forward import classifier_prefix
 
 _EPS = 1e-9
 CLONE_RULES = ("exact", "chefer")
+READOUTS = (None, "patch_mean")
+# what the head reads, in the order of its input, by adapter.pooling
+_READERS = {"token": ("cls",), "cls+avg": ("cls", "patch_mean"), "avg": ("patch_mean",)}
 
 
 # -- LRP rules: pure, batched functions ------------------------------------------------------------
@@ -235,6 +260,57 @@ def lrp_select_z(x: Tensor, index: int, relevance: Tensor) -> Tensor:
     return out
 
 
+def lrp_mean_z(x: Tensor, relevance: Tensor) -> Tensor:
+    r"""z-rule through the mean over tokens ``y = mean_j x_j`` (mean pooling of the patch tokens).
+
+    The contribution of token ``j`` to ``y`` is ``x_j / K``::
+
+        R_j = (x_j / K) * R / y          (per channel, stabilised division)
+
+    which conserves relevance per channel wherever ``y != 0``.
+
+    Args:
+        x: the averaged token states (N, K, d).
+        relevance: relevance of the mean, (N, d).
+    Returns:
+        (N, K, d).
+    """
+    s = safe_divide(relevance, x.mean(1)).unsqueeze(1)
+    return (x / x.shape[1]).mul_(s)
+
+
+def lrp_linear_map_z(
+    fn: Callable[..., Tensor | tuple[Tensor, ...]],
+    inputs: tuple[Tensor, ...],
+    relevance: tuple[Tensor, ...],
+) -> tuple[Tensor, ...]:
+    r"""z-rule through a bias-free linear map ``y = fn(x)`` of one or more inputs (rotary embedding).
+
+    With ``y = M x``, the contribution of ``x_i`` to ``y_j`` is ``M_ji x_i``, so::
+
+        R_x = x * M^T (R_y / y)            (stabilised division)
+
+    ``M^T s`` is the vector-Jacobian product of ``fn`` (exact for a linear map, at any point).
+    The rule conserves relevance (``sum R_x = sum R_y`` wherever ``y != 0``). For a map
+    that acts on pairs of channels, like a rotary position embedding (a 2x2 rotation per
+    pair, per token), it is the z-rule of each pair's 2x2 map: ``M`` is block diagonal.
+
+    Args:
+        fn: the linear map, called as ``fn(*inputs)``; returns one tensor or a tuple.
+        inputs: its inputs.
+        relevance: relevance of its outputs, one per output.
+    Returns:
+        the relevance of each input.
+    """
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_(True) for x in inputs]
+        ys = fn(*xs)
+        ys = (ys,) if isinstance(ys, Tensor) else tuple(ys)
+        cot = [safe_divide(r, y.detach()) for r, y in zip(relevance, ys)]
+        grads = torch.autograd.grad(ys, xs, cot)
+    return tuple(g.mul_(x) for g, x in zip(grads, inputs))
+
+
 def lrp_elementwise_z(x: Tensor, scale: Tensor, relevance: Tensor) -> Tensor:
     r"""z-rule through an elementwise linear layer ``y = x * scale`` (timm layer scale).
 
@@ -266,26 +342,23 @@ def lrp_clone(x: Tensor, relevances: tuple[Tensor, ...] | list[Tensor], rule: st
 
 
 # -- model plumbing --------------------------------------------------------------------------------
-def _qkv_weight(adapter: ModelAdapter, parts: BlockParts, block: int) -> Tensor:
-    """The stacked q/k/v projection weight (3 * heads * head_dim, d), rows in (q|k|v, head, dim) order."""
-    weight = parts.qkv_weight
-    inner = adapter.num_heads * adapter.head_dim
-    if weight is None or tuple(weight.shape) != (3 * inner, adapter.embed_dim):
-        raise UnsupportedModelError(
-            f"block {block}: unexpected q/k/v projection shape "
-            f"{None if weight is None else tuple(weight.shape)}; CheferRelevancy expects ({3 * inner}, {adapter.embed_dim})"
-        )
-    return weight
+def _qkv_weight(parts: BlockParts) -> Tensor:
+    """The stacked q/k/v projection weight (3 * heads * head_dim, d), rows in (q|k|v, head, dim) order
+    (its presence and shape are checked once, by ``adapter.lrp_missing_rules()``)."""
+    return parts.qkv_weight
 
 
 def _layer_scale(module: object) -> Tensor | None:
-    """The gamma of a timm ``LayerScale`` (elementwise z-rule), else None (relevance passes through:
-    identity, or the block norm of a post-norm ``ResPostBlock``)."""
+    """The gamma of a layer scale (timm ``LayerScale``, or the adapters' :class:`LayerScale` over a
+    family's own gain: elementwise z-rule), else None (relevance passes through: identity, or the
+    block norm of a post-norm block)."""
+    if isinstance(module, LayerScale):
+        return module.gamma
     try:
-        from timm.layers import LayerScale
+        from timm.layers import LayerScale as TimmLayerScale
     except ImportError:
         return None
-    return module.gamma if isinstance(module, LayerScale) else None
+    return module.gamma if isinstance(module, TimmLayerScale) else None
 
 
 def _post_relprop(post: object, y: Tensor, relevance: Tensor) -> Tensor:
@@ -313,7 +386,9 @@ class CheferRelevancy(GradientAttribution):
     ``s = start_block`` defaults to 1: the published ImageNet protocol
     (``generate_visualizations.py`` calls ``start_layer=1``) skips block 0.
 
-    Supported: class-token ViTs: timm ``VisionTransformer`` with ``global_pool='token'``
+    Supported: every model whose classifier reads the class token, and on request
+    (``readout="patch_mean"``) models that average the patch tokens. Class-token ViTs: timm
+    ``VisionTransformer`` with ``global_pool='token'``
     (register tokens, ``qkv_bias=False``, qk-norm and layer scale included; layer scale is
     an elementwise linear layer under the z-rule, so relevance passes through it), post-norm
     ``ResPostBlock`` (its block norms are norms: relevance passes through), DeiT-distilled
@@ -321,12 +396,30 @@ class CheferRelevancy(GradientAttribution):
     ``DeiTForImageClassificationWithTeacher``: the output ``(head(cls) + head_dist(dist)) / 2``
     is a residual-type Add of the two halves, split by :func:`lrp_add_conserving`, each head
     then alpha1-beta0 and index-select into its own token; the map is still read from the
-    class-token row), Hugging Face ``ViTForImageClassification`` / ``DeiTForImageClassification``.
-    Global-average-pooling models raise :class:`InputValidationError`: they have no class
-    token whose rollout row is the explanation.
+    class-token row), Hugging Face ``ViTForImageClassification`` / ``DeiTForImageClassification``;
+    timm ``Eva`` (EVA-02, ``vit_*_rope_*``: rotary embeddings, SwiGLU / GLU, layer scale,
+    post-norm blocks) and ``Beit`` / Hugging Face ``BeitForImageClassification`` (relative
+    position bias) with class-token pooling; Hugging Face DINOv2 classifiers (the head reads
+    ``[class token, patch mean]``: the map combines the class token's row and the patch rows,
+    each by its share of the head's relevance); CLIP zero-shot classifiers
+    (:class:`~captum_clsemb.zero_shot.ZeroShotClassifier`). The rules for these parts are in
+    the module docstring.
+
+    Refused, before any work, with what the head reads: models without a class token and
+    heads that do not read it (:class:`InputValidationError`; mean-pooled heads, e.g. the
+    released EVA-02 and BEiT classifiers, are explained with ``readout="patch_mean"``;
+    SigLIP's attention-pooling head is not), and models with a part that has no rule,
+    ``adapter.lrp_missing_rules()`` (:class:`UnsupportedModelError`; e.g. grouped-query
+    attention).
 
     Args:
         forward_func: a supported timm or Hugging Face ViT (or its adapter).
+        readout: the rollout rows the map reads. None (default): those of the tokens the head
+            reads, for heads that read the class token (the class-token row; DINOv2 see
+            above). ``"patch_mean"``: for heads that average the patch tokens (``pooling ==
+            "avg"``), the mean of the patch tokens' rows, ``mean_j C[patch_j]``, with the
+            relevance entering through the mean's z-rule. The class token's row does not
+            explain such a head, so it must be asked for.
 
     Examples::
 
@@ -336,16 +429,24 @@ class CheferRelevancy(GradientAttribution):
         >>> cr = CheferRelevancy(model)
         >>> maps = cr.attribute(images, target=labels)                  # (N, 1, 14, 14)
         >>> up = cr.attribute(images, target=labels, interpolate_to=224)  # (N, 1, 224, 224)
+        >>> eva = timm.create_model("eva02_base_patch14_224", pretrained=False, num_classes=10)
+        >>> CheferRelevancy(eva, readout="patch_mean").attribute(eva_images)  # a mean-pooled head
     """
 
-    def __init__(self, forward_func: nn.Module | ModelAdapter) -> None:
+    def __init__(self, forward_func: nn.Module | ModelAdapter, readout: str | None = None) -> None:
         self.adapter = adapt(forward_func)
         GradientAttribution.__init__(self, self.adapter.model)
-        if self.adapter.pooling != "token" or not self.adapter.has_class_token:
-            raise InputValidationError(
-                f"CheferRelevancy needs a class-token model whose classifier reads the class token; "
-                f"{type(self.adapter.model).__name__} uses global average pooling. Use a class-token "
-                "model (global_pool='token'), or an attention-only method such as attention rollout"
+        self.readout = self._check_readout(readout)
+        missing = self.adapter.lrp_missing_rules()
+        if missing:
+            instead = (
+                "CheferGradientRollout or AttentionRollout"
+                if self.adapter.has_class_token
+                else "BlockwiseIdentifiability or the perturbation metrics"
+            )
+            raise UnsupportedModelError(
+                f"CheferRelevancy has no LRP rule for parts of {self.adapter.model_name}: "
+                f"{'; '.join(missing)}. Use {instead} for this model"
             )
 
     # -- public API ---------------------------------------------------------------------------------
@@ -394,24 +495,28 @@ class CheferRelevancy(GradientAttribution):
         n = x.shape[0]
         tgt = format_target(target, n, adapter.num_classes, x.device)
         h, w = adapter.grid_size
-        p, cls = adapter.num_prefix_tokens, adapter.class_token_index
+        p = adapter.num_prefix_tokens
+        cls = adapter.class_token_index if adapter.has_class_token else None
         rule = self._check_clone_rule(clone_rule)
         maps = []
         for sl in self._chunks(n, internal_batch_size):
             row = None
+            seed: list[Tensor | None] = [None]
             # Blocks arrive last to first. The map is the class-token row of
-            # C = (Abar_{B-1} + I) ... (Abar_s + I), so it is built from the left as a row vector:
+            # C = (Abar_{B-1} + I) ... (Abar_s + I) (or, for heads that read the patch mean, the
+            # seed's combination of rows), so it is built from the left as a row vector:
             # row <- row (Abar_b + I) = row Abar_b + row.
             with torch.no_grad():  # the forward turns grad on for itself
                 for rel, grad in self._relevance_and_grad(
-                    x[sl], None if tgt is None else tgt[sl], start, rule
+                    x[sl], None if tgt is None else tgt[sl], start, rule, seed
                 ):
                     layer = grad.mul_(rel).clamp_(min=0).mean(1)  # (n, T, T), heads averaged
                     del rel, grad
-                    if row is None:  # the top block (only its first query rows): class-token row + I
-                        row = layer[:, cls].clone()
+                    if row is None and seed[0] is None:  # the top block (its first query rows):
+                        row = layer[:, cls].clone()  # class-token row + I
                         row[:, cls] += 1
                     else:
+                        row = seed[0] if row is None else row
                         row = torch.baddbmm(row.unsqueeze(1), row.unsqueeze(1), layer).squeeze(1)
             maps.append(row[:, p:].reshape(-1, 1, h, w))
         out = torch.cat(maps, 0)
@@ -451,7 +556,9 @@ class CheferRelevancy(GradientAttribution):
             with torch.no_grad():  # the forward turns grad on for itself
                 pairs = [
                     (self._full_rows(r), self._full_rows(g))
-                    for r, g in self._relevance_and_grad(x[sl], None if tgt is None else tgt[sl], start, rule)
+                    for r, g in self._relevance_and_grad(
+                        x[sl], None if tgt is None else tgt[sl], start, rule, [None]
+                    )
                 ][::-1]
             rels.append(torch.stack([r for r, _ in pairs], 1))
             grads.append(torch.stack([g for _, g in pairs], 1))
@@ -466,6 +573,51 @@ class CheferRelevancy(GradientAttribution):
                 "use start_block=0 for models with a single block"
             )
         return start_block
+
+    def _check_readout(self, readout: str | None) -> str | None:
+        """The readout, or one clear error saying what the head reads and what applies instead."""
+        a = self.adapter
+        name = a.model_name
+        if readout is not None and (not isinstance(readout, str) or readout not in READOUTS):
+            raise InputValidationError(
+                "readout must be None (the tokens the head reads, for heads that read the class token) "
+                f"or 'patch_mean' (heads that average the patch tokens), got {readout!r}"
+            )
+        reads_cls = a.has_class_token and a.pooling in ("token", "cls+avg")
+        if readout == "patch_mean":
+            if a.pooling == "avg":
+                return readout
+            instead = (
+                "; use the default readout=None, which explains what this head reads"
+                if reads_cls
+                else ": Chefer et al.'s relevancy is not defined for it"
+            )
+            raise InputValidationError(
+                f"readout='patch_mean' explains a head that averages the patch tokens, but the head of {name} "
+                f"reads {a.head_reads}{instead}"
+            )
+        if reads_cls:
+            return None
+        if not a.has_class_token:
+            what = f"{name} has no class token: its head reads {a.head_reads}"
+        else:
+            what = (
+                f"{name} has a class token, but its head reads {a.head_reads}, not the class token, so the "
+                "class token's rollout row would not explain the prediction"
+            )
+        if a.pooling == "avg":
+            fix = (
+                "Pass readout='patch_mean' to explain the mean of the patch tokens' rollout rows (the tokens "
+                "the head averages)"
+            )
+        else:
+            fix = (
+                "The method is defined for heads that read the class token or the patch mean; "
+                "BlockwiseIdentifiability, ValueVectorProjector and the perturbation metrics apply to this model"
+            )
+        raise InputValidationError(
+            f"CheferRelevancy explains the rollout rows of the tokens the classifier reads; {what}. {fix}"
+        )
 
     @staticmethod
     def _check_clone_rule(clone_rule: str) -> str:
@@ -493,13 +645,15 @@ class CheferRelevancy(GradientAttribution):
         return t if k == seq else F.pad(t, (0, 0, 0, seq - k))
 
     def _relevance_and_grad(
-        self, x: Tensor, target: Tensor | None, start: int, clone_rule: str
+        self, x: Tensor, target: Tensor | None, start: int, clone_rule: str, seed: list[Tensor | None]
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(R_A, dA)`` for blocks B-1 down to ``start``, in the relevance dtype.
 
-        Each is (n, H, T, T), except for the last block: (n, H, k, T), its first k query rows, the
-        tokens the classifier reads (:func:`~captum_clsemb.trace.forward.classifier_prefix`): the
-        logits depend on no other row there, so those are exactly zero.
+        Each is (n, H, T, T), except for the last block of a class-token head: (n, H, k, T), its
+        first k query rows, the tokens the classifier reads
+        (:func:`~captum_clsemb.trace.forward.classifier_prefix`): the logits depend on no other
+        row there, so those are exactly zero. ``seed[0]`` is set to the rollout seed (see
+        :meth:`_head_relprop`) before the first pair is yielded.
         """
         blocks, final, logits = self._forward(x, start)
         if target is None:
@@ -512,7 +666,7 @@ class CheferRelevancy(GradientAttribution):
         del probs, logits
         blocks = [{k: v.detach() for k, v in blk.items()} for blk in blocks]
         # Callers consume this under torch.no_grad() (a context held across yields would leak).
-        for b, rel in self._propagate(blocks, final.detach(), target, start, clone_rule):
+        for b, rel in self._propagate(blocks, final.detach(), target, start, clone_rule, seed):
             grad = grads[b - start]
             grads[b - start] = None  # type: ignore[call-overload]
             yield rel, grad.to(rel.dtype)
@@ -527,15 +681,6 @@ class CheferRelevancy(GradientAttribution):
         adapter = self.adapter
         nb = adapter.num_blocks
         parts = [adapter.block(b) for b in range(nb)]
-        for b in range(start, nb):
-            if parts[b].rope is not None or parts[b].mlp_in is not None:
-                what = "a rotary position embedding" if parts[b].rope is not None else "a gated MLP"
-                raise UnsupportedModelError(
-                    f"CheferRelevancy's LRP rules cover plain ViT blocks; block {b} of "
-                    f"{type(adapter.model).__name__} uses {what}, for which the method defines no rule. "
-                    "Use CheferGradientRollout or AttentionRollout for this model"
-                )
-            _qkv_weight(adapter, parts[b], b)
         top = classifier_prefix(adapter)
         blocks: list[dict[str, Tensor]] = []
         with adapter.eval_mode():
@@ -551,28 +696,34 @@ class CheferRelevancy(GradientAttribution):
                     prefix = top if b == nb - 1 else None
                     h, _ = run_block(parts[b], h, b, frozenset(), internals=internals, query_prefix=prefix)
                     blocks.append(internals)
-                logits = adapter.classify(h)  # reads only the prefix tokens
+                logits = adapter.classify(h)  # class-token heads: reads only the prefix tokens
         return blocks, h, logits
 
     def _propagate(
-        self, blocks: list[dict[str, Tensor]], final: Tensor, target: Tensor, start: int, clone_rule: str
+        self,
+        blocks: list[dict[str, Tensor]],
+        final: Tensor,
+        target: Tensor,
+        start: int,
+        clone_rule: str,
+        seed: list[Tensor | None],
     ) -> Iterator[tuple[int, Tensor]]:
         """LRP from one-hot(target) at the logits down to the blocks: yield (b, R_A_b), b = B-1..start.
 
-        ``final`` is the last block's output at its first tokens (see :meth:`_forward`)."""
+        ``final`` is the last block's output at its first tokens (see :meth:`_forward`). Before
+        the first block is yielded, ``seed[0]`` is set to the rollout seed of :meth:`_head_relprop`."""
         adapter = self.adapter
         nb = adapter.num_blocks
         cd = _relevance_dtype(final.dtype)
-        cls = adapter.class_token_index
         # The final norm (and fc_norm) pass relevance unchanged.
         normed = adapter.pre_pool_norm(final).to(cd)
         r_out = F.one_hot(target, adapter.num_classes).to(cd)
-        head = adapter.head
-        pooled = adapter.post_pool_norm(normed[:, cls])
         if adapter.head_dist is None:
-            r_pooled = lrp_linear_alpha1_beta0(pooled, head.weight.to(cd), r_out)
-            relevance = lrp_select_z(normed, cls, r_pooled)
+            relevance, seed[0] = self._head_relprop(normed, r_out)
         else:
+            cls = adapter.class_token_index
+            head = adapter.head
+            pooled = adapter.post_pool_norm(normed[:, cls])
             dist = adapter.prefix_tokens.index("dist")
             pooled_d = adapter.post_pool_norm(normed[:, dist])
             y_c = F.linear(pooled, head.weight.to(cd), _cast(head.bias, cd))
@@ -593,6 +744,58 @@ class CheferRelevancy(GradientAttribution):
             )
             out = saved["resid_pre"]
             yield b, r_attn
+
+    def _head_relprop(self, normed: Tensor, r_out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Relevance of the normed last-block tokens from the relevance ``r_out`` of the logits.
+
+        The head reads the class token, the patch mean, or both concatenated (``_READERS``),
+        each after ``post_pool_norm`` (a norm: passes), then runs ``adapter.head_path``:
+        LRP-alpha1-beta0 through its linear maps, its constant factors passing. The class token's
+        share goes back by the index-select z-rule, the patch mean's by the mean's z-rule.
+
+        Returns the relevance (N, k, d) and the rollout seed: None for a head that reads the class
+        token alone (the map is the class-token row), else (N, T), the tokens' weights in the head's
+        input (class token 1, each patch 1/P), each reader's weights times its share of the head's
+        relevance (1 for a head with one reader).
+        """
+        adapter = self.adapter
+        cd = normed.dtype
+        readers = _READERS[adapter.pooling]
+        p = adapter.num_prefix_tokens
+        cls = adapter.class_token_index if "cls" in readers else None
+        pooled = [
+            adapter.post_pool_norm(normed[:, cls] if r == "cls" else normed[:, p:].mean(1)) for r in readers
+        ]
+        steps = adapter.head_path
+        h = pooled[0] if len(pooled) == 1 else torch.cat(pooled, -1)
+        inputs = [h]
+        for step in steps[:-1]:  # the inputs of every step (the last step's output is not needed)
+            if isinstance(step, ConstantFactor):
+                h = step(h)
+            else:
+                h = F.linear(h, step.weight.to(cd), _cast(step.bias, cd))
+            inputs.append(h)
+        r = r_out
+        for step, x in zip(reversed(steps), reversed(inputs)):
+            if not isinstance(step, ConstantFactor):  # a positive per-example factor: passes
+                r = lrp_linear_alpha1_beta0(x, step.weight.to(cd), r)
+        if readers == ("cls",):
+            return lrp_select_z(normed, cls, r), None
+        d = normed.shape[-1]
+        relevance = torch.zeros_like(normed)
+        seed = normed.new_zeros(normed.shape[:2])
+        num_patches = normed.shape[1] - p
+        total = r.sum(-1)
+        for i, reader in enumerate(readers):
+            r_i = r[:, i * d : (i + 1) * d]
+            share = _share(r_i.sum(-1), total) if len(readers) > 1 else torch.ones_like(total)
+            if reader == "cls":
+                relevance += lrp_select_z(normed, cls, r_i)
+                seed[:, cls] = share
+            else:
+                relevance[:, p:] += lrp_mean_z(normed[:, p:], r_i)
+                seed[:, p:] = (share / num_patches).unsqueeze(1)
+        return relevance, seed
 
     def _block_relprop(
         self,
@@ -638,7 +841,13 @@ class CheferRelevancy(GradientAttribution):
         r_mid, r_mlp = _add_relprop(mid, mlp_out, out, relevance)
         r_mlp = _post_relprop(parts.mlp_post, mlp_out, r_mlp)
         r_keys = linear(get("fc2_in"), parts.fc2, r_mlp, "fc2_out")  # mid norm, act: pass
-        r_u2 = linear(parts.norm2(saved["resid_mid"]).to(cd), parts.fc1, r_keys, "fc1_out")  # norm2: pass
+        if parts.mlp_in is None:
+            r_u2 = linear(parts.norm2(saved["resid_mid"]).to(cd), parts.fc1, r_keys, "fc1_out")  # norm2: pass
+        else:
+            # Gated MLP, keys = gate(u) * fc1(u): the gate is a constant multiplier (its elementwise
+            # z-rule passes the relevance), so all of it goes to the signal branch fc1.
+            u2 = parts.norm2(saved["resid_mid"]).to(cd)
+            r_u2 = _linear_relprop(u2, parts.fc1.weight.to(cd), r_keys, parts=scratch)
         r_mid = lrp_clone(mid, (r_mid, r_u2), clone_rule)
         # Attention sub-layer: mid = x + attn_post(proj(out_norm(A @ v)))
         r_x, r_attn = _add_relprop(x_in, attn_out, mid if exact_dtype else x_in + attn_out, r_mid)
@@ -657,14 +866,22 @@ class CheferRelevancy(GradientAttribution):
         if k < seq:  # back to the full sequence: the other query rows have no relevance
             r_q = F.pad(r_q, (0, 0, 0, seq - k))
             r_x = F.pad(r_x, (0, 0, 0, seq - k))
-        r_qkv = torch.cat(
-            [r.transpose(1, 2).reshape(n, seq, heads * hd) for r in (r_q, r_k.transpose(-1, -2), r_v)], -1
-        )
-        weight = _qkv_weight(adapter, parts, b).to(cd)
-        r_u1 = _linear_relprop(
-            parts.norm1(saved["resid_pre"]).to(cd), weight, r_qkv, parts=scratch
-        )  # norm1: pass
+        r_k = r_k.transpose(-1, -2)
+        u1 = parts.norm1(saved["resid_pre"])
+        if parts.rope is not None:
+            # q, k above are rotated; the rotation is linear in (q, k): its z-rule (per 2x2 pair).
+            q0, k0, _ = parts.qkv(u1)
+            rope = parts.rope
+            r_q, r_k = lrp_linear_map_z(lambda a, c: rope(a, c, None), (q0.to(cd), k0.to(cd)), (r_q, r_k))
+        r_qkv = torch.cat([r.transpose(1, 2).reshape(n, seq, heads * hd) for r in (r_q, r_k, r_v)], -1)
+        weight = _qkv_weight(parts).to(cd)
+        r_u1 = _linear_relprop(u1.to(cd), weight, r_qkv, parts=scratch)  # norm1: pass
         return lrp_clone(x_full, (r_x, r_u1), clone_rule), r_a
+
+
+def _share(part: Tensor, total: Tensor) -> Tensor:
+    """``part / total``, 0 where ``total == 0``."""
+    return torch.where(total != 0, part / total.masked_fill(total == 0, 1), 0.0)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -678,7 +895,10 @@ __all__ = [
     "lrp_matmul_z",
     "lrp_add_conserving",
     "lrp_select_z",
+    "lrp_mean_z",
+    "lrp_linear_map_z",
     "lrp_elementwise_z",
     "lrp_clone",
     "CLONE_RULES",
+    "READOUTS",
 ]

@@ -23,7 +23,12 @@ from conftest import (
     spread,
 )
 
-from captum_clsemb import BlockwiseIdentifiability, UnsupportedModelError, ZeroShotClassifier
+from captum_clsemb import (
+    BlockwiseIdentifiability,
+    InputValidationError,
+    UnsupportedModelError,
+    ZeroShotClassifier,
+)
 from captum_clsemb.adapters import (
     HFBeitAdapter,
     HFDinov2Adapter,
@@ -438,11 +443,66 @@ def test_lrp_missing_rules_name_the_parts_without_a_rule() -> None:
 
     for build in [*TIMM_VARIANTS.values(), *HF_VARIANTS.values()]:
         assert adapt(build()).lrp_missing_rules() == []
-    rules = {name: " | ".join(adapt(build()).lrp_missing_rules()) for name, build in FAMILY_VARIANTS.items()}
-    assert "rotary" in rules["vit_rope_token"] and "gated MLP" not in rules["vit_rope_token"]
-    assert "rotary" in rules["eva02_avg"] and "gated MLP" in rules["eva02_avg"]
-    assert "rotary" not in rules["beit_avg"] and "relative position bias" in rules["beit_avg"]
-    assert "relative position bias" in rules["hf_beit_cls_shared"]
-    assert rules["hf_dinov2"] == "a head over the concatenation [class token, mean of patch tokens]"
-    assert "gated MLP" in rules["hf_dinov2_swiglu"]
-    assert "visual projection" in rules["clip_zero_shot"] and "attention-pooling" in rules["siglip_zero_shot"]
+    # rotary embeddings, relative position biases, gated MLPs and the DINOv2 / CLIP heads have rules
+    rules = {name: adapt(build()).lrp_missing_rules() for name, build in FAMILY_VARIANTS.items()}
+    assert all(not missing for name, missing in rules.items() if name != "siglip_zero_shot")
+    assert rules["siglip_zero_shot"] == [
+        "the zero-shot head's attention-pooling head (attention over all tokens, then an MLP)"
+    ]
+    gqa = small_eva(attn_type="rope", num_kv_heads=2, qkv_fused=False, use_rot_pos_emb=True, global_pool="token",
+                    use_abs_pos_emb=False)  # fmt: skip
+    assert ["grouped-query attention" in m for m in adapt(gqa).lrp_missing_rules()] == [True]
+
+
+def _head_input(adapter, normed: torch.Tensor) -> torch.Tensor:
+    """What the head reads (class token, patch mean or both), after post_pool_norm, by adapter.pooling."""
+    p = adapter.num_prefix_tokens
+    parts = {"token": ["cls"], "avg": ["mean"], "cls+avg": ["cls", "mean"]}[adapter.pooling]
+    read = [normed[:, adapter.class_token_index] if r == "cls" else normed[:, p:].mean(1) for r in parts]
+    return torch.cat([adapter.post_pool_norm(v) for v in read], -1)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_VARIANTS))
+def test_head_path_reproduces_the_logits(name: str) -> None:
+    # the chain of linear maps and constant factors that LRP walks back is the model's own head
+    from captum_clsemb.adapters.base import ConstantFactor
+
+    model = FAMILY_VARIANTS[name]()
+    adapter = adapt(model)
+    if name == "siglip_zero_shot":
+        assert adapter.head_path is None and adapter.head_structure
+        return
+    x = images(3)
+    tr = trace(model, x, record=["resid_post"])
+    h = _head_input(adapter, adapter.pre_pool_norm(tr.cache["resid_post", -1]))
+    kinds = []
+    for step in adapter.head_path:
+        kinds.append(isinstance(step, ConstantFactor))
+        if not kinds[-1]:
+            assert step.weight.shape[1] == h.shape[-1]
+        h = step(h)
+    torch.testing.assert_close(h, tr.logits, atol=ATOL, rtol=0)
+    assert kinds == ([False, True, False, True] if name == "clip_zero_shot" else [False])
+
+
+def test_messages_say_what_the_head_reads() -> None:
+    from captum_clsemb.adapters.base import HEAD_READS
+    from captum_clsemb.attr._explanation_utils import HEAD_READS as METHODS_HEAD_READS
+
+    assert HEAD_READS == METHODS_HEAD_READS  # one wording everywhere
+    siglip = adapt(FAMILY_VARIANTS["siglip_zero_shot"]())
+    assert siglip.model_name == "ZeroShotClassifier over SiglipModel"
+    with pytest.raises(
+        InputValidationError,
+        match="ZeroShotClassifier over SiglipModel has no class token: its head reads an attention-pooled "
+        "summary of all tokens \\(attention-pooling head\\)",
+    ):
+        _ = siglip.class_token_index
+    gap = adapt(FAMILY_VARIANTS["vit_rope_reg_gap"]())
+    with pytest.raises(
+        InputValidationError, match="Eva has no class token: its head reads the mean of the patch"
+    ):
+        _ = gap.class_token_index
+    dinov2 = adapt(FAMILY_VARIANTS["hf_dinov2_registers"]())
+    assert dinov2.class_token_index == 0
+    assert dinov2.head_reads == "the class token concatenated with the mean of the patch tokens"
