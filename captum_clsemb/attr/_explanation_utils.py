@@ -24,7 +24,6 @@ from captum_clsemb.errors import InputValidationError
 MultiTargetType = TargetType | Sequence[Sequence[int]]
 
 __all__ = [
-    "HEAD_READS",
     "InputShape",
     "MultiTargetType",
     "batch_slices",
@@ -40,18 +39,12 @@ __all__ = [
 
 
 # what the classifier head reads, by ``adapter.pooling``
-HEAD_READS = {
-    "token": "the class token",
-    "avg": "the mean of the patch tokens (global average pooling)",
-    "cls+avg": "the class token concatenated with the mean of the patch tokens",
-    "map": "an attention-pooled summary of all tokens (attention-pooling head)",
-}
 
 
 def require_class_token(adapter: ModelAdapter, method: str) -> int:
     """Index of the class token; a clear error, saying what the head reads, for models without one."""
     if not adapter.has_class_token:
-        reads = HEAD_READS.get(adapter.pooling, f"its tokens pooled as {adapter.pooling!r}")
+        reads = adapter.head_reads
         raise InputValidationError(
             f"{method} explains the class token, but {type(adapter.model).__name__} has no class token: "
             f"its head reads {reads}. Methods that need a class token (ClassEmbeddingGradient, "

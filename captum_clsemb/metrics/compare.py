@@ -52,7 +52,7 @@ class DefaultMethods(dict):
 
 
 def _head_reads(adapter: ModelAdapter) -> str:
-    from captum_clsemb.attr._explanation_utils import HEAD_READS
+    from captum_clsemb.adapters.base import HEAD_READS
 
     return HEAD_READS.get(adapter.pooling, f"its tokens pooled as {adapter.pooling!r}")
 

@@ -129,7 +129,7 @@ def token_removal_auc(
     if counts[-1] == num_patches and adapter.pooling != "token":
         # the head reads the patch tokens (their mean, or an attention pool over them): with
         # none left its output is undefined (NaN), not a score
-        from captum_clsemb.attr._explanation_utils import HEAD_READS
+        from captum_clsemb.adapters.base import HEAD_READS
 
         raise InputValidationError(
             f"removing every patch token (fraction {float(fr[-1]):g}) leaves nothing for the head of "

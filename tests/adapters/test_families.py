@@ -486,10 +486,6 @@ def test_head_path_reproduces_the_logits(name: str) -> None:
 
 
 def test_messages_say_what_the_head_reads() -> None:
-    from captum_clsemb.adapters.base import HEAD_READS
-    from captum_clsemb.attr._explanation_utils import HEAD_READS as METHODS_HEAD_READS
-
-    assert HEAD_READS == METHODS_HEAD_READS  # one wording everywhere
     siglip = adapt(FAMILY_VARIANTS["siglip_zero_shot"]())
     assert siglip.model_name == "ZeroShotClassifier over SiglipModel"
     with pytest.raises(

@@ -84,7 +84,10 @@ def test_report_and_compare_share_the_model_options() -> None:
     for command in ("report", "compare"):
         args = parser.parse_args([command, *argv])
         # report's --model is repeatable (several models in one report): a list
-        assert args.model == (["hf:o/n"] if command == "report" else "hf:o/n") and model_options(args) == expected
+        assert (
+            args.model == (["hf:o/n"] if command == "report" else "hf:o/n")
+            and model_options(args) == expected
+        )
         defaults = parser.parse_args([command])
         assert defaults.model == (None if command == "report" else "demo")  # report: None is the demo model
         assert model_options(defaults) == {"checkpoint": None, "random_init": False, "classes": None, "templates": None}  # fmt: skip

@@ -175,7 +175,9 @@ def test_class_token_not_read_by_the_head_is_noted() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         methods = default_methods(model)
-    assert "ClassEmbeddingGradient" in methods and "CheferRelevancy" not in methods  # no LRP rule for RoPE
+    assert (
+        "ClassEmbeddingGradient" in methods and "CheferRelevancy" not in methods
+    )  # its head does not read the class token
     notes = methods.notes
     assert any(
         "not the class token" in n and "mean of the patch tokens" in n and "ClassEmbeddingGradient" in n
