@@ -16,6 +16,23 @@ SHARED_DATA = Path(
     os.environ.get("CLSEMB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker its share of the CPU cores for torch's intra-op threads.
+
+    Each worker (and every process it starts: notebook kernels, Sphinx, CLI runs) would otherwise
+    use every core: ``-n 2`` on two cores runs four busy threads, and the spinning OpenMP threads
+    more than double the CPU time of the suite. An ``OMP_NUM_THREADS`` set by the user is kept.
+    """
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // int(workerinput["workercount"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
 SMALL = dict(img_size=32, patch_size=8, num_classes=7, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2.0)
 
 
