@@ -1,7 +1,11 @@
-"""Shared model builders: randomly initialised models of real architectures (no downloads)."""
+"""Shared model builders: randomly initialised models of real architectures (no downloads), and one
+bundled `clsemb report` run shared by the report tests."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 from pathlib import Path
 
@@ -318,3 +322,44 @@ def tiny_tokenizer(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
     return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+
+
+# -- one `clsemb report` on the bundled model and images, shared by the report tests ---------------------
+# The first 41 bundled files (20 airplanes, 20 automobiles, 1 bird), 6 of them for the perturbation
+# comparison, in batches of 8 (with two processes the shards are uneven and the batches do not line up
+# with them). Its content, its page in a browser, its progress bars, its Hugging Face twin and its
+# two-process torchrun twin are checked by tests marked `xdist_group(BUNDLED_REPORT)`: with
+# `--dist loadgroup` (pyproject.toml) pytest-xdist runs them in one worker, which computes the report once.
+BUNDLED_REPORT = "bundled_report"
+BUNDLED_REPORT_ARGS = ["--max-images", "41", "--compare-images", "6", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def bundled_report(tmp_path_factory) -> dict:
+    """``clsemb report`` with :data:`BUNDLED_REPORT_ARGS` and progress bars, run in this process.
+
+    Returns ``out`` (the folder), ``json``, ``html``, ``stderr`` (what the progress bars wrote) and
+    ``bars``: ``(name, total, done)`` of every progress bar when it closed.
+    """
+    from captum_clsemb.cli import report as report_module
+    from captum_clsemb.cli.main import main
+
+    out = tmp_path_factory.mktemp("bundled_report") / "out"
+    bars = []
+    real_close = report_module._Bar.close
+
+    def close(bar) -> None:  # every bar, when it ends: its name, its total and how far it got
+        bars.append((bar.bar.desc, bar.bar.total, bar.bar.n))
+        real_close(bar)
+
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+        patch.setattr(report_module._Bar, "close", close)
+        assert main(["report", *BUNDLED_REPORT_ARGS, "--out", str(out)]) == 0
+    return {
+        "out": out,
+        "json": json.loads((out / "report.json").read_text()),
+        "html": (out / "report.html").read_text(encoding="utf-8"),
+        "stderr": stderr.getvalue(),
+        "bars": bars,
+    }
