@@ -17,6 +17,7 @@ seconds on one CPU core.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import matplotlib.pyplot as plt
@@ -39,7 +40,7 @@ from captum_clsemb.attr.chefer_relevancy import CheferRelevancy
 from captum_clsemb.attr.class_embedding_gradient import ClassEmbeddingGradient
 from captum_clsemb.attr.raw_attention import RawAttention
 from captum_clsemb.demo import load_demo_config
-from captum_clsemb.metrics import RandomRanking, compare_explanations, plot_curves
+from captum_clsemb.metrics import ComparisonResults, RandomRanking, compare_explanations, plot_curves
 from captum_clsemb.viz.explanations import plot_block_head_grid, plot_method_grid
 from captum_clsemb.viz.identifiability import plot_identifiability_curves, plot_token_maps
 from captum_clsemb.viz.mechanisms import (
@@ -192,25 +193,41 @@ def chefer_relevancy() -> None:
 
 
 # -- metrics -------------------------------------------------------------------------------------
-def _compare(methods: dict | None = None, **kwargs) -> None:
+def _compare(methods: dict, **kwargs) -> None:
     model, images, labels, _ = _demo()
     results = compare_explanations(
-        model,
-        images[EVALUATED],
-        labels[EVALUATED],
-        methods=methods,
-        probe_data=(images[PROBE], labels[PROBE]) if methods is None else None,
-        batch_size=100,
-        **kwargs,
+        model, images[EVALUATED], labels[EVALUATED], methods=methods, batch_size=100, **kwargs
     )
     _show(plot_curves(results))
 
 
-def token_removal_auc() -> None:
-    model = _demo()[0]
-    _compare(
-        {"ClassEmbeddingGradient": ClassEmbeddingGradient(model), "Random": RandomRanking(model, seed=0)}
+@functools.cache
+def _default_comparison() -> ComparisonResults:
+    """Token removal of the default methods on EVALUATED, the linear probe fitted on PROBE (computed
+    once per build: the token-removal page shows two of its methods)."""
+    model, images, labels, _ = _demo()
+    return compare_explanations(
+        model,
+        images[EVALUATED],
+        labels[EVALUATED],
+        probe_data=(images[PROBE], labels[PROBE]),
+        batch_size=100,
     )
+
+
+def _only(results: ComparisonResults, methods: list[str]) -> ComparisonResults:
+    """The results of some of the methods (each method's curves do not depend on the others)."""
+    return dataclasses.replace(
+        results,
+        methods=methods,
+        curves={m: results.curves[m] for m in methods},
+        seconds={m: results.seconds[m] for m in methods},
+    )
+
+
+def token_removal_auc() -> None:
+    # the default comparison's ClassEmbeddingGradient and its random ranking, RandomRanking(model, seed=0)
+    _show(plot_curves(_only(_default_comparison(), ["ClassEmbeddingGradient", "Random"])))
 
 
 def pixel_removal_auc() -> None:
@@ -229,7 +246,8 @@ def pixel_removal_auc() -> None:
 
 
 def rankings_and_comparison() -> None:
-    _compare()  # the default methods, a linear probe fitted on PROBE and a random ranking
+    # the default methods, a linear probe fitted on PROBE and a random ranking
+    _show(plot_curves(_default_comparison()))
 
 
 # -- analyses ------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
-"""Shared model builders: randomly initialised models of real architectures (no downloads)."""
+"""Shared model builders: randomly initialised models of real architectures (no downloads), and one
+bundled `clsemb report` run shared by the report tests."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +19,23 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 SHARED_DATA = Path(
     os.environ.get("CLSEMB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker its share of the CPU cores for torch's intra-op threads.
+
+    Each worker (and every process it starts: notebook kernels, Sphinx, CLI runs) would otherwise
+    use every core: ``-n 2`` on two cores runs four busy threads, and the spinning OpenMP threads
+    more than double the CPU time of the suite. An ``OMP_NUM_THREADS`` set by the user is kept.
+    """
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // int(workerinput["workercount"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=7, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2.0)
 
@@ -301,3 +322,44 @@ def tiny_tokenizer(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
     return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
+
+
+# -- one `clsemb report` on the bundled model and images, shared by the report tests ---------------------
+# The first 41 bundled files (20 airplanes, 20 automobiles, 1 bird), 6 of them for the perturbation
+# comparison, in batches of 8 (with two processes the shards are uneven and the batches do not line up
+# with them). Its content, its page in a browser, its progress bars, its Hugging Face twin and its
+# two-process torchrun twin are checked by tests marked `xdist_group(BUNDLED_REPORT)`: with
+# `--dist loadgroup` (pyproject.toml) pytest-xdist runs them in one worker, which computes the report once.
+BUNDLED_REPORT = "bundled_report"
+BUNDLED_REPORT_ARGS = ["--max-images", "41", "--compare-images", "6", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def bundled_report(tmp_path_factory) -> dict:
+    """``clsemb report`` with :data:`BUNDLED_REPORT_ARGS` and progress bars, run in this process.
+
+    Returns ``out`` (the folder), ``json``, ``html``, ``stderr`` (what the progress bars wrote) and
+    ``bars``: ``(name, total, done)`` of every progress bar when it closed.
+    """
+    from captum_clsemb.cli import report as report_module
+    from captum_clsemb.cli.main import main
+
+    out = tmp_path_factory.mktemp("bundled_report") / "out"
+    bars = []
+    real_close = report_module._Bar.close
+
+    def close(bar) -> None:  # every bar, when it ends: its name, its total and how far it got
+        bars.append((bar.bar.desc, bar.bar.total, bar.bar.n))
+        real_close(bar)
+
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+        patch.setattr(report_module._Bar, "close", close)
+        assert main(["report", *BUNDLED_REPORT_ARGS, "--out", str(out)]) == 0
+    return {
+        "out": out,
+        "json": json.loads((out / "report.json").read_text()),
+        "html": (out / "report.html").read_text(encoding="utf-8"),
+        "stderr": stderr.getvalue(),
+        "bars": bars,
+    }

@@ -21,6 +21,8 @@ import pytest
 for _module in ("sphinx", "furo", "myst_nb", "sphinx_autodoc_typehints", "sphinx-mathjax-offline"):
     pytest.importorskip(_module)
 
+# one worker builds the docs once for all the tests of this file (pytest-xdist, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("docs")
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 # Every page of these sections shows a figure computed during the build.

@@ -21,6 +21,10 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
+# the notebooks take minutes together: as one group, pytest-xdist (--dist loadgroup, largest groups
+# first) starts them at the beginning instead of leaving them to the end of a worker's queue
+pytestmark = pytest.mark.xdist_group("tutorials")
+
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 EXECUTE_SCRIPT = "execute.py"  # re-executes and re-pairs the notebooks; not a tutorial
 SOURCES = sorted(p for p in TUTORIALS.glob("*.py") if p.name != EXECUTE_SCRIPT)

@@ -53,10 +53,10 @@ model = load_demo_model()
 adapter = adapt(model)
 images, labels, _ = load_demo_images()
 
-# Disjoint splits of the 20 images per class: 5 fit the linear probes, 10 are evaluated.
+# Disjoint splits of the 20 images per class: 5 fit the linear probes, 5 others are evaluated.
 within_class = torch.arange(len(images)) % 20
 x_probe, y_probe = images[within_class < 5], labels[within_class < 5]
-x, y = images[within_class >= 10], labels[within_class >= 10]
+x, y = images[within_class >= 15], labels[within_class >= 15]
 print("probe images:", len(x_probe), "| evaluated images:", len(x))
 
 # %% [markdown]
@@ -152,5 +152,6 @@ for name, a in (("class-emb. gradient", attr), ("Chefer ICCV'21", chefer)):
     print(f"{name:>20}: pixel removal negative {aucs[0]:.2f} | positive {aucs[1]:.2f}")
 
 # %% [markdown]
-# These numbers are for a small CIFAR-10 model on 100 images; the full comparison is produced
-# by `benchmarks/compare_cifar10.py` (see the *Comparison* page of the docs).
+# These numbers are for a small CIFAR-10 model on 50 images (5 per class), where differences of a
+# few AUC points are within the noise (see the ± s.e.m. in the table above); the full comparison
+# is produced by `benchmarks/compare_cifar10.py` (see the *Comparison* page of the docs).

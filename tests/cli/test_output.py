@@ -190,9 +190,15 @@ def test_ctrl_c_during_the_run_leaves_the_old_output(tmp_path: Path) -> None:
     # all 200 bundled images in small batches: the run is still computing when the signal arrives
     cmd = [sys.executable, "-m", "captum_clsemb", "report", "--out", str(d), "--no-progress",
            "--batch-size", "4", "--sections", "identifiability,mechanisms"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True
-    )
+    # Ctrl-C in a terminal: the run must not inherit an ignored SIGINT (a shell's background job, such
+    # as a test suite started with `&`, ignores it, and so would every process it starts)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".d.clsemb-tmp-*")):  # the run has started computing
@@ -204,7 +210,10 @@ def test_ctrl_c_during_the_run_leaves_the_old_output(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    # exit status 130, or ended by SIGINT after printing the message below (seen under heavy load: CPython
+    # ends a `python -m` run by SIGINT when an interrupt went through a nested evaluation); a shell shows
+    # 130 for both
+    assert proc.returncode in (130, -signal.SIGINT), err[-2000:]
     assert err.strip().splitlines()[-1] == "clsemb: interrupted; --out was left as it was"
     assert _snapshot(d) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLED_REPORT, BUNDLED_REPORT_ARGS
 from PIL import Image
 
 from captum_clsemb.attr import BlockwiseIdentifiability
@@ -75,17 +76,22 @@ def test_report_end_to_end(image_dir: Path, tmp_path: Path, capsys) -> None:
     )
 
 
-def test_timm_and_hf_twins_give_the_same_report_numbers(image_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.xdist_group(BUNDLED_REPORT)
+def test_timm_and_hf_twins_give_the_same_report_numbers(bundled_report: dict, tmp_path: Path) -> None:
+    # the timm side is the bundled report shared with the other report tests (tests/conftest.py)
     hf_dir = tmp_path / "hf_model"
     load_demo_model("hf").save_pretrained(hf_dir)
     cfg = load_demo_config()
     (hf_dir / "preprocessor_config.json").write_text(
         json.dumps({"image_mean": cfg["mean"], "image_std": cfg["std"]})
     )
-    assert _run(["--images", str(image_dir), "--out", str(tmp_path / "a")]) == 0
-    assert _run(["--model", str(hf_dir), "--images", str(image_dir), "--out", str(tmp_path / "b")]) == 0
-    a = _strict_json(tmp_path / "a" / "report.json")["sections"]
-    b = _strict_json(tmp_path / "b" / "report.json")["sections"]
+    out = tmp_path / "b"
+    assert (
+        main(["report", "--no-progress", *BUNDLED_REPORT_ARGS, "--model", str(hf_dir), "--out", str(out)])
+        == 0
+    )
+    a = _strict_json(bundled_report["out"] / "report.json")["sections"]
+    b = _strict_json(out / "report.json")["sections"]
     _assert_close_nested(a, b)
 
 

@@ -8,24 +8,17 @@ from pathlib import Path
 
 import pytest
 from browser_utils import open_browser
+from conftest import BUNDLED_REPORT
 
-from captum_clsemb.cli.main import main
 from captum_clsemb.demo import load_demo_config
 
-ARGS = ["report", "--no-progress", "--max-images", "60", "--compare-images", "10", "--batch-size", "32"]
 
-
-@pytest.fixture(scope="module")
-def bundled_report(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("browser") / "report"
-    assert main([*ARGS, "--out", str(out)]) == 0
-    return out / "report.html"
-
-
-def test_bundled_report_in_chromium(bundled_report: Path, tmp_path: Path) -> None:
+@pytest.mark.xdist_group(BUNDLED_REPORT)
+def test_bundled_report_in_chromium(bundled_report: dict, tmp_path: Path) -> None:
+    # the report shared with the other report tests (tests/conftest.py)
     names = set(load_demo_config()["class_names"])
     with open_browser(1200, 900) as browser:
-        page = browser.open(bundled_report)
+        page = browser.open(bundled_report["out"] / "report.html")
         # every image, the figures and the explorer's, decoded
         assert page.locator("figure img").count() == 11
         assert browser.broken_images() == []

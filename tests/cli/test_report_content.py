@@ -12,20 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLED_REPORT, BUNDLED_REPORT_ARGS
 from PIL import Image
 from scipy import stats
 
 from captum_clsemb.analysis import ValueVectorProjector, random_init_copy
 from captum_clsemb.attr import BlockwiseIdentifiability
-from captum_clsemb.cli import report as report_module
 from captum_clsemb.cli.main import main
 from captum_clsemb.cli.report import REPORT_FILES, SECTION_FILES
 from captum_clsemb.demo import DEMO_IMAGES_DIR, load_demo_images, load_demo_model
 from captum_clsemb.metrics.auc import trapezoid_auc
 
-N = 60  # the first 60 bundled files: 20 airplanes, 20 automobiles, 20 birds
+# the shared bundled report (tests/conftest.py): the first 41 bundled files, 20 airplanes, 20 automobiles
+# and a bird, in batches of 8, 6 of them in the perturbation comparison
+pytestmark = pytest.mark.xdist_group(BUNDLED_REPORT)
+N = int(BUNDLED_REPORT_ARGS[BUNDLED_REPORT_ARGS.index("--max-images") + 1])
+BATCH = int(BUNDLED_REPORT_ARGS[BUNDLED_REPORT_ARGS.index("--batch-size") + 1])
 RESAMPLES = 2000
-ARGS = ["--no-progress", "--max-images", str(N), "--compare-images", "12", "--batch-size", "32"]
 SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
 CLAIMS = {
     "identifiability_above_random_init",
@@ -43,14 +46,8 @@ CLAIMS = {
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("report") / "out"
-    assert main(["report", *ARGS, "--out", str(out)]) == 0
-    return {
-        "out": out,
-        "json": json.loads((out / "report.json").read_text()),
-        "html": (out / "report.html").read_text(encoding="utf-8"),
-    }
+def report(bundled_report: dict) -> dict:
+    return bundled_report
 
 
 @pytest.fixture(scope="module")
@@ -229,37 +226,18 @@ def test_figures_png_and_svg_with_captions_and_no_markdown_or_urls(report: dict)
     )
 
 
-def test_one_progress_bar_per_phase_with_a_total(tmp_path: Path, capsys, monkeypatch) -> None:
-    closed = []
-    real_close = report_module._Bar.close
-
-    def close(bar) -> None:  # every bar, when it ends: its name, its total and how far it got
-        closed.append((bar.bar.desc, bar.bar.total, bar.bar.n))
-        real_close(bar)
-
-    monkeypatch.setattr(report_module._Bar, "close", close)
-    args = [
-        "report",
-        "--max-images",
-        "8",
-        "--batch-size",
-        "4",
-        "--compare-images",
-        "3",
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    assert main(args) == 0
-    err = capsys.readouterr().err
-    starts = re.findall(r"([a-z][a-z ()]*):\s+0%\|[^|]*\| 0/(\d+)", err)
+def test_one_progress_bar_per_phase_with_a_total(report: dict) -> None:
+    # the shared report runs with its progress bars on; report["bars"] has every bar as it closed
+    starts = re.findall(r"([a-z][a-z ()]*):\s+0%\|[^|]*\| 0/(\d+)", report["stderr"])
     names = ["identifiability", "explanations", "mechanisms", "perturbation"]
     assert [name for name, _ in starts] == names  # shown once each, with a total
+    closed = report["bars"]
     assert [c[0] for c in closed] == names
     for name, total, done in closed:
         assert total > 0 and done == total, name
     # mechanisms: 8 passes (key-value agreement and its chance level for 2 layers, class building,
-    # residual match, 2 attention edits) over 2 batches each, in one bar
-    assert dict((c[0], c[1]) for c in closed)["mechanisms"] == 8 * 2
+    # residual match, 2 attention edits) over the batches of the images, in one bar
+    assert dict((c[0], c[1]) for c in closed)["mechanisms"] == 8 * -(-N // BATCH)
 
 
 def test_an_empty_group_is_said_not_a_crash(tmp_path: Path) -> None:

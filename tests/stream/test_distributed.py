@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_timm
+from conftest import BUNDLED_REPORT, BUNDLED_REPORT_ARGS, small_timm
 from torch.utils.data import DataLoader
 
 from captum_clsemb.attr import BlockwiseIdentifiability
@@ -94,20 +94,20 @@ def _assert_same_numbers(a: object, b: object, path: str = "") -> None:
         assert a == b, path
 
 
-def test_two_process_report_equals_the_single_process_report(tmp_path: Path) -> None:
+@pytest.mark.xdist_group(BUNDLED_REPORT)
+def test_two_process_report_equals_the_single_process_report(tmp_path: Path, bundled_report: dict) -> None:
     """Every section (identifiability, explanations, mechanisms, comparison) of a 2-process torchrun report."""
-    from captum_clsemb.cli.main import main
-
-    # 41 images: uneven shards; batches of 8 do not line up with the shards
-    args = ["report", "--max-images", "41", "--compare-images", "6", "--batch-size", "8", "--no-progress"]
+    # the single-process run is the report shared with the other report tests (tests/conftest.py):
+    # 41 images, uneven shards; batches of 8 do not line up with the shards
+    assert BUNDLED_REPORT_ARGS == ["--max-images", "41", "--compare-images", "6", "--batch-size", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "captum_clsemb", *args, "--distributed", "--out", str(tmp_path / "dist")]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "captum_clsemb", "report", *BUNDLED_REPORT_ARGS, "--no-progress", "--distributed",
+           "--out", str(tmp_path / "dist")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main([*args, "--out", str(tmp_path / "single")]) == 0
     dist = json.loads((tmp_path / "dist" / "report.json").read_text())
-    single = json.loads((tmp_path / "single" / "report.json").read_text())
+    single = bundled_report["json"]
     assert set(single["sections"]) == {
         "class_identifiability_across_blocks",
         "explanations",
@@ -120,7 +120,7 @@ def test_two_process_report_equals_the_single_process_report(tmp_path: Path) -> 
     assert len(single["claims"]) >= 8 and all(c["test"]["p_value"] is not None for c in single["claims"])
     _assert_same_numbers(dist, single)
     # the per-image figures show the same images
-    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    names = sorted(p.name for p in bundled_report["out"].iterdir())
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == names
 
 
