@@ -3,6 +3,7 @@ r"""Cost of identifiability and ClassEmbeddingGradient on the newer ViT families
 
     OMP_NUM_THREADS=1 python benchmarks/bench_families.py
     python benchmarks/bench_families.py --batch 2 --repeats 3 --models clip_b16
+    python benchmarks/bench_families.py --docs   # also writes its section of docs/benchmarks.md
 
 Models (random weights, no downloads, CPU, eval mode):
 
@@ -27,13 +28,58 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 TARGETS = {"identifiability": 1.25, "ClassEmbeddingGradient": 1.4}
+DOCS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+# the section this script owns in DOCS_PAGE (run_benchmarks.py keeps it when it rewrites the page)
+BEGIN, END = "<!-- families:begin -->", "<!-- families:end -->"
+DESCRIPTIONS = {
+    "eva02_base": "timm `eva02_base_patch14_224` (RoPE, SwiGLU, average pooling; 257 tokens), 1000 classes",
+    "clip_b16": "CLIP ViT-B/16 vision tower as a `ZeroShotClassifier` over 1000 class embeddings (197 tokens)",
+}
+
+
+def to_markdown(rows: list[tuple], args: argparse.Namespace, plain: dict[str, float]) -> str:
+    """The page section: per model, its plain forward and one row per computation."""
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        BEGIN,
+        "## Newer ViT families",
+        "",
+        f"Written by `python benchmarks/bench_families.py --docs` (torch {torch.__version__}, {cpu}, "
+        f"{torch.get_num_threads()} thread(s), batch {args.batch}, random weights, eval mode). Times are "
+        f"medians of {args.repeats} runs taken round-robin after one warm-up (wall clock); ratios are to "
+        "the median plain forward (`model(x)` under `torch.no_grad()`) of the same model.",
+        "",
+        "| Model | Computation | Seconds | × plain forward (target) |",
+        "|---|---|---|---|",
+    ]
+    for name, k, sec, ratio, _ in rows:
+        if k == next(iter(TARGETS)):
+            lines.append(f"| {DESCRIPTIONS[name]} | plain forward | {plain[name]:.3f} | 1.00 |")
+        status = "" if ratio <= TARGETS[k] else ", missed"
+        lines.append(f"| {DESCRIPTIONS[name]} | {k} | {sec:.3f} | {ratio:.2f} (≤ {TARGETS[k]}{status}) |")
+    lines += ["", END, ""]
+    return "\n".join(lines)
+
+
+def write_section(section: str) -> None:
+    """Replace this script's section of DOCS_PAGE, or append it."""
+    page = DOCS_PAGE.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
+    if pattern.search(page):
+        page = pattern.sub(lambda _: section, page)
+    else:
+        page = page.rstrip("\n") + "\n\n" + section
+    DOCS_PAGE.write_text(page)
 
 
 def build(name: str, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -98,16 +144,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["eva02_base", "clip_b16"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--docs", action="store_true", help="write the section of docs/benchmarks.md")
     args = parser.parse_args()
     print(
         f"CPU, {torch.get_num_threads()} thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), "
         f"torch {torch.__version__}, batch {args.batch}, median of {args.repeats} interleaved runs after 1 warm-up"
     )
     rows = []
+    plain: dict[str, float] = {}  # each model's median plain forward, seconds
     for name in args.models:
         model, x, y = build(name, args.batch)
         times = time_interleaved(runners(model, x, y), args.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
+        plain[name] = med["plain forward"]
         for k, v in times.items():
             print(
                 f"  {name:<11s} {k:<24s} median {med[k]:7.3f} s  runs {', '.join(f'{t:.3f}' for t in v)}",
@@ -126,6 +175,9 @@ def main() -> None:
         print(
             f"{name:<11s} {k:<24s} {sec:9.3f} {ratio:10.2f} {per_round:22.2f} {'<= ' + str(TARGETS[k]):>7s} {ok}"
         )
+    if args.docs:
+        write_section(to_markdown(rows, args, plain))
+        print(f"written to {DOCS_PAGE}")
 
 
 if __name__ == "__main__":

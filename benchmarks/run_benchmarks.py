@@ -68,6 +68,8 @@ from captum_clsemb.stream import dataset_identifiability
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS_PAGE = REPO / "docs" / "benchmarks.md"
+# benchmarks/bench_families.py writes its section between these lines; a rewrite of the page keeps it
+FAMILIES_SECTION = re.compile(r"<!-- families:begin -->.*?<!-- families:end -->\n?", re.S)
 
 # Targets: time ratio to the reference of the row; memory ratio to the plain forward's peak.
 TIME_TARGETS = {
@@ -600,7 +602,8 @@ def main() -> None:
     print(md)
     print("\n".join(summary(results, args.baseline_ref)))
     if not args.no_docs:
-        DOCS_PAGE.write_text(md)
+        kept = FAMILIES_SECTION.search(DOCS_PAGE.read_text()) if DOCS_PAGE.exists() else None
+        DOCS_PAGE.write_text(md if kept is None else md.rstrip("\n") + "\n\n" + kept.group(0))
         print(f"written to {DOCS_PAGE.relative_to(REPO)}")
 
 
