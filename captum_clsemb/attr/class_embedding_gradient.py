@@ -72,15 +72,15 @@ class ClassEmbeddingGradient(GradientAttribution):
     **How one pass gives every block and head.** :math:`\ell_b` depends on :math:`A_b` only
     through the class-token row of :math:`A_b` (nothing after the attention mixes tokens
     within a block), so the local gradient of :math:`\ell_b` with respect to that row equals
-    the full-graph gradient. One no-grad forward stores, for each block, the class-token
-    attention row, the values ``V`` and the class token's residual state; then each block's
-    class-token path (attention-weighted values -> output projection -> residual -> MLP ->
-    residual -> lens -> cross-entropy) is recomputed for that single token from those
-    detached tensors, with the row as a leaf. One ``torch.autograd.grad`` of
-    :math:`\sum_b \ell_b` returns every block's row gradient
-    (:math:`\partial \ell_b / \partial A_b[h,cls,j] = g^h_b \cdot v^h_{b,j}`). The cost is
-    about one forward pass plus a per-block computation on one token. Parameters' ``.grad``
-    are never touched.
+    the full-graph gradient. One no-grad forward (with fused attention) takes, for each block,
+    the class-token attention row (computed on its own), the values ``V`` and the class
+    token's residual state; then each block's class-token path (attention-weighted values ->
+    output projection -> residual -> MLP -> residual -> lens -> cross-entropy) is recomputed
+    for that single token from those detached tensors, with the row as a leaf, and
+    differentiated: :math:`\partial \ell_b / \partial A_b[h,cls,j] = g^h_b \cdot v^h_{b,j}`.
+    With a given target this happens right after the block's forward. The cost is about one
+    forward pass plus a per-block computation on one token. Parameters' ``.grad`` are never
+    touched.
 
     Models without a class token (global average pooling) raise
     :class:`~captum_clsemb.errors.InputValidationError`: the method explains the class
@@ -212,58 +212,75 @@ class ClassEmbeddingGradient(GradientAttribution):
     def _attribute_batch(
         self, x: Tensor, target: Tensor | None, block_ids: list[int], cls: int, source: str
     ) -> Tensor:
-        r"""(n, K, len(block_ids), heads, num_patches) attributions for one chunk."""
+        r"""(n, K, len(block_ids), heads, num_patches) attributions for one chunk.
+
+        With a given target each block's class-token path is differentiated right after the
+        block's forward, while its weights are still in the CPU caches (the path runs on one
+        token per image, so reading the weights is its cost); the predicted class needs the full
+        pass first, so then the blocks' rows, values and states are kept until the end.
+        """
         adapter = self.adapter
         wanted = set(block_ids)
-        kinds = frozenset({"attn_probs"})
         # With a given target the forward can stop after the last selected block; the
         # predicted class needs the logits of the full pass.
         last = adapter.num_blocks - 1 if target is None else max(block_ids)
         saved: dict[int, tuple[Tensor, Tensor, Tensor, BlockParts]] = {}
-        with adapter.eval_mode(), torch.no_grad():
-            h = adapter.embed(x)
+        grads: dict[int, Tensor] = {}
+        with adapter.eval_mode():
+            with torch.no_grad():
+                h = adapter.embed(x)
             for b in range(last + 1):
                 parts = adapter.block(b)
-                if b not in wanted:
-                    h, _ = run_block(parts, h, b, frozenset())
-                    continue
-                captured: dict[str, Tensor] = {}
+                with torch.no_grad():
+                    if b not in wanted:
+                        h, _ = run_block(parts, h, b, frozenset())
+                        continue
+                    captured: dict[str, Tensor] = {}
 
-                def qkv(inp: Tensor, _qkv=parts.qkv, _cap=captured) -> tuple[Tensor, Tensor, Tensor]:
-                    q, k, v = _qkv(inp)
-                    _cap["v"] = v
-                    return q, k, v
+                    def qkv(inp: Tensor, _qkv=parts.qkv, _cap=captured) -> tuple[Tensor, Tensor, Tensor]:
+                        q, k, v = _qkv(inp)
+                        _cap["v"] = v
+                        return q, k, v
 
-                h_out, acts = run_block(dataclasses.replace(parts, qkv=qkv), h, b, kinds)
-                # Copies, so that the full (T x T) attention and the qkv output are freed.
-                row = acts["attn_probs"][:, :, cls].clone()  # (n, heads, T)
-                saved[b] = (h[:, cls].clone(), row, captured["v"].contiguous(), parts)
-                h = h_out
+                    # Fused attention; only the class token's probability row is computed on its own.
+                    h_out, acts = run_block(
+                        dataclasses.replace(parts, qkv=qkv), h, b, frozenset(), prob_rows=cls + 1
+                    )
+                    # Copies, so that the attention rows and the qkv output are freed.
+                    saved[b] = (h[:, cls].clone(), acts["attn_prob_rows"][:, :, cls].clone(),
+                                captured["v"].contiguous(), parts)  # fmt: skip
+                    h = h_out
+                if target is not None:
+                    grads[b] = self._row_gradient(*saved.pop(b), target, source)
             if target is None:
-                target = adapter.classify(h).argmax(-1, keepdim=True)  # (n, 1)
-
-        k = target.shape[1]
-        leaves: list[Tensor] = []
-        with torch.enable_grad():
-            total = None
-            for b in block_ids:
-                resid_cls, row, v, parts = saved[b]
-                leaf = row.unsqueeze(1).expand(-1, k, -1, -1).clone().requires_grad_(True)
-                z = torch.einsum("nkht,nhtd->nkhd", leaf, v).flatten(2)  # (n, K, heads*head_dim)
-                state = parts.attn_post(parts.proj(parts.attn_out_norm(z)))
-                if source == "resid":
-                    mid = resid_cls.unsqueeze(1) + state
-                    mlp = parts.mlp_post(parts.fc2(parts.mlp_mid_norm(parts.mlp_keys(parts.norm2(mid)))))
-                    state = mid + mlp
-                logits = adapter.project(state)  # (n, K, C)
-                if source == "authors":
-                    # the authors' CrossEntropyLoss(softmax(logits)): softmax applied twice
-                    logits = logits.softmax(-1)
-                logp = logits.log_softmax(-1)
-                loss = -logp.gather(-1, target.unsqueeze(-1)).sum()
-                total = loss if total is None else total + loss
-                leaves.append(leaf)
-            grads = torch.autograd.grad(total, leaves)
+                with torch.no_grad():
+                    target = adapter.classify(h).argmax(-1, keepdim=True)  # (n, 1)
+                for b in block_ids:
+                    grads[b] = self._row_gradient(*saved.pop(b), target, source)
         p = adapter.num_prefix_tokens
         # attribution = -d loss / d A[h, cls, j], image tokens only
-        return -torch.stack([g[..., p:] for g in grads], dim=2)
+        return -torch.stack([grads[b][..., p:] for b in block_ids], dim=2)
+
+    def _row_gradient(
+        self, resid_cls: Tensor, row: Tensor, v: Tensor, parts: BlockParts, target: Tensor, source: str
+    ) -> Tensor:
+        """d loss_b / d A_b[:, :, cls, :] for the K targets, (n, K, heads, T): the block's
+        class-token path recomputed from its attention row (a leaf), values and input state."""
+        adapter = self.adapter
+        k = target.shape[1]
+        with torch.enable_grad():
+            leaf = row.unsqueeze(1).expand(-1, k, -1, -1).clone().requires_grad_(True)
+            z = torch.einsum("nkht,nhtd->nkhd", leaf, v).flatten(2)  # (n, K, heads*head_dim)
+            state = parts.attn_post(parts.proj(parts.attn_out_norm(z)))
+            if source == "resid":
+                mid = resid_cls.unsqueeze(1) + state
+                mlp = parts.mlp_post(parts.fc2(parts.mlp_mid_norm(parts.mlp_keys(parts.norm2(mid)))))
+                state = mid + mlp
+            logits = adapter.project(state)  # (n, K, C)
+            if source == "authors":
+                # the authors' CrossEntropyLoss(softmax(logits)): softmax applied twice
+                logits = logits.softmax(-1)
+            logp = logits.log_softmax(-1)
+            loss = -logp.gather(-1, target.unsqueeze(-1)).sum()
+            (grad,) = torch.autograd.grad(loss, leaf)
+        return grad

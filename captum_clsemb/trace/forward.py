@@ -117,6 +117,7 @@ def run_block(
     token_index: Tensor | None = None,
     internals: dict[str, Tensor] | None = None,
     query_prefix: int | None = None,
+    prob_rows: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One block of the decomposed forward; returns the block output and the requested kinds.
 
@@ -142,6 +143,11 @@ def run_block(
     the last block needs for a classifier that reads only prefix tokens. The output and every
     recorded kind and internal then hold only those tokens, except ``resid_pre``, ``k`` and
     ``v``; attention probabilities are (N, heads, query_prefix, T).
+
+    ``prob_rows``, when given, also returns ``acts["attn_prob_rows"]``: the attention
+    probabilities of the first ``prob_rows`` query tokens, (N, heads, prob_rows, T), computed on
+    their own when the attention itself runs fused (for methods that read only the prefix
+    tokens' rows, e.g. the class token's).
     """
     acts: dict[str, Tensor] = {}
     if "resid_pre" in kinds:
@@ -175,6 +181,8 @@ def run_block(
             probs = edited
         if "attn_probs" in kinds:
             acts["attn_probs"] = probs
+        if prob_rows is not None:
+            acts["attn_prob_rows"] = probs[:, :, :prob_rows]
         stash("attn_probs", probs)
         heads_out = probs @ v
         del probs
@@ -186,6 +194,16 @@ def run_block(
             else _query_rows(parts.attn_bias(token_index), query_prefix).to(q.dtype)
         )
         heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=parts.scale)
+        if prob_rows is not None:  # the same score computation as above, for the first rows only
+            q_rows = q[:, :, :prob_rows]
+            if parts.scale_before_matmul:
+                scores = (q_rows * parts.scale) @ k.transpose(-2, -1)
+            else:
+                scores = (q_rows @ k.transpose(-2, -1)) * parts.scale
+            if bias is not None:
+                scores = scores + _query_rows(bias, prob_rows)
+            acts["attn_prob_rows"] = scores.softmax(dim=-1)
+            del scores, q_rows
     del q, k, v
     z = heads_out.transpose(1, 2).reshape(n, t, -1)
     del heads_out

@@ -352,6 +352,34 @@ def test_query_prefix_computes_the_first_rows(with_extras: bool) -> None:
                 torch.testing.assert_close(part_acts[kind], ref, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale_first", [True, False])
+@pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "rope_bias"])
+def test_prob_rows_equal_the_explicit_probabilities(
+    with_extras: bool, scale_first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first rows of the explicit (N, H, T, T) probabilities, also when the attention runs fused
+    model = small_timm(reg_tokens=2)
+    adapter = with_rope_and_bias(model, scale_first) if with_extras else adapt(model)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, adapter.num_tokens, adapter.embed_dim, generator=g)
+    parts = adapter.block(1)
+    calls = count_fused_calls(monkeypatch)
+    with torch.no_grad():
+        full, acts = run_block(parts, x, 1, frozenset({"attn_probs"}))
+        assert not calls
+        fused, fused_acts = run_block(parts, x, 1, frozenset(), prob_rows=3)
+        assert len(calls) == 1
+        _, prefix_acts = run_block(parts, x, 1, frozenset(), query_prefix=3, prob_rows=2)
+        _, explicit_acts = run_block(parts, x, 1, frozenset({"attn_probs"}), prob_rows=3)
+    torch.testing.assert_close(fused, full, atol=1e-6, rtol=1e-6)
+    for rows, got in ((3, fused_acts), (2, prefix_acts), (3, explicit_acts)):
+        assert got["attn_prob_rows"].shape == (2, adapter.num_heads, rows, adapter.num_tokens)
+        torch.testing.assert_close(
+            got["attn_prob_rows"], acts["attn_probs"][:, :, :rows], atol=1e-6, rtol=1e-6
+        )
+    assert "attn_probs" not in fused_acts
+
+
 def test_record_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     model = small_timm()
     x = images(2)
