@@ -83,3 +83,32 @@ def gather_pair_bias(bias: Tensor, token_index: Tensor | None) -> Tensor:
     b = b.gather(2, rows)  # (N, heads, T', T)
     cols = token_index[:, None, None, :].expand(n, heads, t, t)
     return b.gather(3, cols)
+
+
+class TimmModelParts:
+    """The members every timm adapter reads the same way from the model (``self.model``): the
+    patch embedding's geometry, the classifier head and the norms before and after pooling."""
+
+    model: nn.Module
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.img_size)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.patch_size)
+
+    @property
+    def in_chans(self) -> int:
+        return self.model.patch_embed.proj.in_channels
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.head
+
+    def pre_pool_norm(self, states: Tensor) -> Tensor:
+        return self.model.norm(states)
+
+    def post_pool_norm(self, pooled: Tensor) -> Tensor:
+        return self.model.fc_norm(pooled)

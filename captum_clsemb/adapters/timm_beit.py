@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_clsemb.adapters._parts import gather_pair_bias, scale_or_identity, timm_mlp_parts
+from captum_clsemb.adapters._parts import TimmModelParts, gather_pair_bias, scale_or_identity, timm_mlp_parts
 from captum_clsemb.adapters.base import BlockParts, ModelAdapter, identity
 from captum_clsemb.errors import UnsupportedModelError
 
@@ -28,7 +28,7 @@ def _unsupported(model: nn.Module, what: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"{type(model).__name__}: {what} is not supported. Supported: {SUPPORTED}.")
 
 
-class TimmBeitAdapter(ModelAdapter):
+class TimmBeitAdapter(TimmModelParts, ModelAdapter):
     r"""Decomposed view of a timm ``Beit``.
 
     The relative position bias of each block (and the shared one, when the model has it) is
@@ -70,28 +70,6 @@ class TimmBeitAdapter(ModelAdapter):
         self.embed_dim = model.embed_dim
         self.num_classes = model.head.out_features
         self.class_names = None
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.img_size)
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.patch_size)
-
-    @property
-    def in_chans(self) -> int:
-        return self.model.patch_embed.proj.in_channels
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.model.head
-
-    def pre_pool_norm(self, states: Tensor) -> Tensor:
-        return self.model.norm(states)
-
-    def post_pool_norm(self, pooled: Tensor) -> Tensor:
-        return self.model.fc_norm(pooled)
 
     def embed(self, pixel_values: Tensor) -> Tensor:
         m = self.model  # as Beit.forward_features

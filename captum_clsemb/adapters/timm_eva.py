@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_clsemb.adapters._parts import scale_or_identity, timm_mlp_parts
+from captum_clsemb.adapters._parts import TimmModelParts, scale_or_identity, timm_mlp_parts
 from captum_clsemb.adapters.base import BlockParts, ModelAdapter, identity
 from captum_clsemb.errors import UnsupportedModelError
 
@@ -29,7 +29,7 @@ def _unsupported(model: nn.Module, what: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"{type(model).__name__}: {what} is not supported. Supported: {SUPPORTED}.")
 
 
-class TimmEvaAdapter(ModelAdapter):
+class TimmEvaAdapter(TimmModelParts, ModelAdapter):
     r"""Decomposed view of a timm ``Eva`` (EVA-02, ``vit_*_rope_*``, EVA-CLIP image towers with a head).
 
     Rotary position embedding is applied to q and k of the patch tokens after the q/k
@@ -95,28 +95,6 @@ class TimmEvaAdapter(ModelAdapter):
         self.embed_dim = model.embed_dim
         self.num_classes = model.head.out_features
         self.class_names = None
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.img_size)
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.patch_size)
-
-    @property
-    def in_chans(self) -> int:
-        return self.model.patch_embed.proj.in_channels
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.model.head
-
-    def pre_pool_norm(self, states: Tensor) -> Tensor:
-        return self.model.norm(states)
-
-    def post_pool_norm(self, pooled: Tensor) -> Tensor:
-        return self.model.fc_norm(pooled)
 
     def embed(self, pixel_values: Tensor) -> Tensor:
         m = self.model

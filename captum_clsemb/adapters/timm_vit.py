@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from captum_clsemb.adapters._parts import TimmModelParts
 from captum_clsemb.adapters.base import BlockParts, ModelAdapter, identity
 from captum_clsemb.errors import UnsupportedModelError
 
@@ -27,7 +28,7 @@ def _unsupported(model: nn.Module, what: str) -> UnsupportedModelError:
     )
 
 
-class TimmViTAdapter(ModelAdapter):
+class TimmViTAdapter(TimmModelParts, ModelAdapter):
     r"""Decomposed view of a timm ``VisionTransformer`` (and DeiT distilled).
 
     Covers class-token pooling, global average pooling with ``fc_norm``
@@ -86,30 +87,8 @@ class TimmViTAdapter(ModelAdapter):
         self.class_names = None
 
     @property
-    def img_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.img_size)
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.patch_size)
-
-    @property
-    def in_chans(self) -> int:
-        return self.model.patch_embed.proj.in_channels
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.model.head
-
-    @property
     def head_dist(self) -> nn.Linear | None:
         return getattr(self.model, "head_dist", None)
-
-    def pre_pool_norm(self, states: Tensor) -> Tensor:
-        return self.model.norm(states)
-
-    def post_pool_norm(self, pooled: Tensor) -> Tensor:
-        return self.model.fc_norm(pooled)
 
     def embed(self, pixel_values: Tensor) -> Tensor:
         m = self.model

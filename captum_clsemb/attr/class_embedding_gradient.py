@@ -242,13 +242,22 @@ class ClassEmbeddingGradient(GradientAttribution):
                         _cap["v"] = v
                         return q, k, v
 
+                    # The class token's outputs of the block's linear layers, for _row_gradient
+                    # (a gated MLP calls its own layers, so fc1 may not be called).
+                    linears = {
+                        name: _ClassRowLinear(getattr(parts, name), name, cls, captured)
+                        for name in ("proj", "fc1", "fc2")
+                    }
                     # Fused attention; only the class token's probability row is computed on its own.
                     h_out, acts = run_block(
-                        dataclasses.replace(parts, qkv=qkv), h, b, frozenset(), prob_rows=cls + 1
+                        dataclasses.replace(parts, qkv=qkv, **linears), h, b, frozenset(), prob_rows=cls + 1
                     )
                     # Copies, so that the attention rows and the qkv output are freed.
+                    outputs = {name: captured[name] for name in linears if name in captured}
                     saved[b] = (h[:, cls].clone(), acts["attn_prob_rows"][:, :, cls].clone(),
-                                captured["v"].contiguous(), parts)  # fmt: skip
+                                captured["v"].contiguous(), dataclasses.replace(parts, **{
+                                    name: _ReplayedLinear(getattr(parts, name), out)
+                                    for name, out in outputs.items()}))  # fmt: skip
                     h = h_out
                 if target is not None:
                     grads[b] = self._row_gradient(*saved.pop(b), target, source)
@@ -265,7 +274,11 @@ class ClassEmbeddingGradient(GradientAttribution):
         self, resid_cls: Tensor, row: Tensor, v: Tensor, parts: BlockParts, target: Tensor, source: str
     ) -> Tensor:
         """d loss_b / d A_b[:, :, cls, :] for the K targets, (n, K, heads, T): the block's
-        class-token path recomputed from its attention row (a leaf), values and input state."""
+        class-token path recomputed from its attention row (a leaf), values and input state.
+
+        ``parts`` holds :class:`_ReplayedLinear` layers: their outputs are the forward's own for
+        the class token (the leaf is the forward's row, so the path's inputs are the forward's
+        up to rounding), so each weight is read once, for the input gradient."""
         adapter = self.adapter
         k = target.shape[1]
         with torch.enable_grad():
@@ -284,3 +297,43 @@ class ClassEmbeddingGradient(GradientAttribution):
             loss = -logp.gather(-1, target.unsqueeze(-1)).sum()
             (grad,) = torch.autograd.grad(loss, leaf)
         return grad
+
+
+class _ClassRowLinear:
+    """A block's linear layer that also keeps a copy of its output for the class token,
+    ``(n, 1, out_features)``, in ``store[name]`` (``name`` is the BlockParts field)."""
+
+    def __init__(self, layer: nn.Module, name: str, cls: int, store: dict[str, Tensor]) -> None:
+        self.layer, self.name, self.cls, self.store = layer, name, cls, store
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = self.layer(x)
+        self.store[self.name] = out[:, self.cls : self.cls + 1].clone()
+        return out
+
+
+class _ReplayLinearFunction(torch.autograd.Function):
+    """Output: the layer's output already computed by the forward (``cached``, broadcast over
+    the K targets); input gradient: ``grad @ weight``, exactly the linear layer's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cached: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        return cached.expand(*x.shape[:-1], cached.shape[-1]).clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None, None
+
+
+class _ReplayedLinear:
+    """A linear layer on the class-token path whose output is the forward's own (see
+    :class:`_ReplayLinearFunction`); it keeps ``weight`` and ``bias`` for any reader."""
+
+    def __init__(self, layer: nn.Module, cached: Tensor) -> None:
+        self.layer, self.cached = layer, cached
+        self.weight, self.bias = layer.weight, layer.bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _ReplayLinearFunction.apply(x, self.cached, self.weight)

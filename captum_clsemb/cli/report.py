@@ -301,6 +301,13 @@ def _describe_model(description: str) -> str:
     return re.sub(r"(top-1 )(0\.\d+)", lambda m: f"{m.group(1)}{100 * float(m.group(2)):.1f}%", description)
 
 
+def _is_bundled(images_root: str) -> bool:
+    """Whether the images are the bundled ones (the report names them, not their install path)."""
+    from captum_clsemb.demo import DEMO_IMAGES_DIR
+
+    return bool(images_root) and Path(images_root).resolve() == DEMO_IMAGES_DIR.resolve()
+
+
 def write_report(results: list[SectionResult], ctx: ReportContext, out: Path) -> dict:
     """Write report.html (from the package's Jinja2 template, figures embedded), every figure as PNG
     and SVG, and report.json; return the JSON dict."""
@@ -353,6 +360,7 @@ def write_report(results: list[SectionResult], ctx: ReportContext, out: Path) ->
             "adapter": repr(ctx.adapter),
             "num_images": ctx.num_images,
             "images": data["images"],
+            "images_bundled": _is_bundled(ctx.images_root),
             "targets": ctx.targets,
             "num_classes": ctx.adapter.num_classes,
             "skipped": ctx.images.skipped,

@@ -49,6 +49,7 @@ def test_report_end_to_end(image_dir: Path, tmp_path: Path, capsys) -> None:
     assert sec["num_images"] == 7  # 6 + grayscale; the corrupt file is skipped
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "broken.jpg" in html
+    assert f"image files from <code>{image_dir}</code>" in html  # a user's folder is named by its path
     assert "skipped 1 file(s)" in capsys.readouterr().out
 
     # Independent computation of the same numbers with the library on the same pixels.

@@ -221,6 +221,8 @@ def test_figures_png_and_svg_with_captions_and_no_markdown_or_urls(report: dict)
         assert f'id="{anchor}"' in html, anchor
     # one number format: the accuracy of the model's description is a percentage too
     assert "test top-1 77.0%" in html and "0.7705" not in html
+    # the bundled images are named as such, not by the folder they were installed to
+    assert f"{N} of the bundled CIFAR-10 test images" in html and str(DEMO_IMAGES_DIR) not in html
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
         {"report.html", "report.json"} | {f"{n}.{e}" for n, _ in figures for e in ("png", "svg")}
     )
