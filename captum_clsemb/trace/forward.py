@@ -164,14 +164,8 @@ def run_block(
     if internals is not None:
         internals.update(q=q, k=k, v=v)
     if "attn_probs" in kinds or edit is not None or internals is not None:
-        if parts.scale_before_matmul:
-            scores = (q * parts.scale) @ k.transpose(-2, -1)
-        else:
-            scores = (q @ k.transpose(-2, -1)) * parts.scale
-        if parts.attn_bias is not None:
-            scores = scores + _query_rows(parts.attn_bias(token_index), query_prefix)
-        probs = scores.softmax(dim=-1)
-        del scores
+        bias = None if parts.attn_bias is None else _query_rows(parts.attn_bias(token_index), query_prefix)
+        probs = _attention_probs(parts, q, k, bias)
         if edit is not None:
             edited = edit(block, probs)
             if not isinstance(edited, Tensor) or edited.shape != probs.shape:
@@ -194,16 +188,9 @@ def run_block(
             else _query_rows(parts.attn_bias(token_index), query_prefix).to(q.dtype)
         )
         heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=parts.scale)
-        if prob_rows is not None:  # the same score computation as above, for the first rows only
-            q_rows = q[:, :, :prob_rows]
-            if parts.scale_before_matmul:
-                scores = (q_rows * parts.scale) @ k.transpose(-2, -1)
-            else:
-                scores = (q_rows @ k.transpose(-2, -1)) * parts.scale
-            if bias is not None:
-                scores = scores + _query_rows(bias, prob_rows)
-            acts["attn_prob_rows"] = scores.softmax(dim=-1)
-            del scores, q_rows
+        if prob_rows is not None:  # the first rows on their own
+            rows_bias = None if bias is None else _query_rows(bias, prob_rows)
+            acts["attn_prob_rows"] = _attention_probs(parts, q[:, :, :prob_rows], k, rows_bias)
     del q, k, v
     z = heads_out.transpose(1, 2).reshape(n, t, -1)
     del heads_out
@@ -265,6 +252,17 @@ def classifier_prefix(adapter: ModelAdapter) -> int | None:
 
 def _discard(name: str, value: Tensor) -> None:
     pass
+
+
+def _attention_probs(parts: BlockParts, q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
+    """softmax(q k^T scale + bias) as the model computes it (scale before or after the product)."""
+    if parts.scale_before_matmul:
+        scores = (q * parts.scale) @ k.transpose(-2, -1)
+    else:
+        scores = (q @ k.transpose(-2, -1)) * parts.scale
+    if bias is not None:
+        scores = scores + bias
+    return scores.softmax(dim=-1)
 
 
 def _query_rows(bias: Tensor, query_prefix: int | None) -> Tensor:
