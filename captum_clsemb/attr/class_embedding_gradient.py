@@ -252,12 +252,15 @@ class ClassEmbeddingGradient(GradientAttribution):
                     h_out, acts = run_block(
                         dataclasses.replace(parts, qkv=qkv, **linears), h, b, frozenset(), prob_rows=cls + 1
                     )
+                    replayed = {
+                        name: _ReplayedLinear(getattr(parts, name), captured[name])
+                        for name in linears
+                        if name in captured
+                    }
                     # Copies, so that the attention rows and the qkv output are freed.
-                    outputs = {name: captured[name] for name in linears if name in captured}
-                    saved[b] = (h[:, cls].clone(), acts["attn_prob_rows"][:, :, cls].clone(),
-                                captured["v"].contiguous(), dataclasses.replace(parts, **{
-                                    name: _ReplayedLinear(getattr(parts, name), out)
-                                    for name, out in outputs.items()}))  # fmt: skip
+                    row = acts["attn_prob_rows"][:, :, cls].clone()
+                    v = captured["v"].contiguous()
+                    saved[b] = (h[:, cls].clone(), row, v, dataclasses.replace(parts, **replayed))
                     h = h_out
                 if target is not None:
                     grads[b] = self._row_gradient(*saved.pop(b), target, source)
