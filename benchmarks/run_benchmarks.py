@@ -181,6 +181,21 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
     return peak / 2**20
 
 
+def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``addmm_`` (PyTorch's counter knows only the out-of-place ``addmm``)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def matrix_flops(fn: Callable[[], object]) -> int:
+    """The matrix-product FLOPs of one call (matmuls, linears, attention, convolutions), counted by
+    ``torch.utils.flop_counter.FlopCounterMode``: the floor a compute-bound run cannot go below."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops}) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
 def run_section(
     calls: dict[str, Callable[[], object]],
     baseline: dict[str, Callable[[], object]],
@@ -212,6 +227,9 @@ def run_section(
     if memory:
         for key, is_base, fn in usable:
             out[key]["base_peak_mib" if is_base else "peak_mib"] = peak_memory_mib(fn, device)
+    for key, is_base, fn in usable:
+        if not is_base:
+            out[key]["flops"] = matrix_flops(fn)
     return out
 
 
@@ -308,6 +326,7 @@ def section(
         rows["ten plain forwards"] = {
             "seconds": 10 * plain["seconds"],
             "peak_mib": plain.get("peak_mib", 0.0),
+            "flops": 10 * plain["flops"],
         }
     for what, row in rows.items():
         tenfold = what == "token-removal AUC (10 steps)"
@@ -315,6 +334,7 @@ def section(
         row["reference"] = "10 plain forwards" if tenfold else "plain forward"
         row["x_forward"] = row["seconds"] / plain["seconds"]
         row["x_reference"] = row["seconds"] / ref
+        row["x_flops"] = row["flops"] / plain["flops"]
         if "forward + backward" in rows:
             row["x_fwd_bwd"] = row["seconds"] / rows["forward + backward"]["seconds"]
         if "base_seconds" in row:
@@ -406,6 +426,7 @@ def section_table(sec: dict, baseline_ref: str | None, memory: bool) -> list[str
     if fwd_bwd:
         head.append("× forward+backward")
     head.append("× reference (target)")
+    head.append("matrix FLOPs × plain forward")
     if baseline_ref:
         head += [f"× reference before ({baseline_ref})", "time after / before"]
     if memory:
@@ -420,6 +441,7 @@ def section_table(sec: dict, baseline_ref: str | None, memory: bool) -> list[str
             cells.append(f"{r['x_fwd_bwd']:.2f}")
         ref = fmt_target(what, r["x_reference"], TIME_TARGETS)
         cells.append(ref if r["reference"] == "plain forward" else f"{ref} vs {r['reference']}")
+        cells.append(f"{r['x_flops']:.2f}")
         if baseline_ref:
             before = r.get("base_x_reference")
             cells += [
@@ -485,14 +507,21 @@ def to_markdown(
         "",
         "- `forward + backward` is `model(x)` with the autograd graph and `backward()` of the target "
         "logits into the parameters; its peak memory includes the parameter gradients.",
+        "- *Matrix FLOPs* counts the FLOPs of every matrix product of one call (linears, matmuls, "
+        "attention, the patch convolution) with `torch.utils.flop_counter.FlopCounterMode`, as a "
+        "multiple of the plain forward's. Matrix products are most of a ViT's time on CPU, so a "
+        "row's time ratio cannot go much below its FLOP ratio.",
         "- `CheferRelevancy` is one forward, one backward of the target logits to every attention "
         "matrix and the LRP sweep. Each linear layer's alpha1-beta0 rule takes three products of "
         "the layer's size (the shared denominator, with the forward's own product reused, and the "
-        "positive and negative parts of the relevance), so its matrix products alone come to about "
-        "1 + 1 + 3 forwards (the first block and the last block's unread tokens are skipped); the "
-        "rest is element-wise work on (N, heads, T, T) and (N, T, 4d) tensors, which weighs more "
-        "where memory bandwidth is scarce. It keeps every block's attention matrix and its gradient "
-        "until the sweep reaches that block, hence its peak memory.",
+        "positive and negative parts of the relevance), so its matrix products come to about "
+        "1 + 1 + 3 forwards, less the parts that the map does not read (block 0, the first "
+        "explained block's q/k/v projection, the last block's unread tokens): the FLOP column. "
+        "That is above the 4x target, which therefore cannot be met on a compute-bound CPU without "
+        "changing the rule's arithmetic; the rest is element-wise work on (N, heads, T, T) and "
+        "(N, T, 4d) tensors, which weighs more where memory bandwidth is scarce. It keeps every "
+        "block's attention matrix and its gradient until the sweep reaches that block, hence its "
+        "peak memory.",
         "- Identifiability, token removal and the blocks that attention rollout does not read run "
         "PyTorch's fused attention, so they never hold an (N, heads, T, T) matrix.",
         "",

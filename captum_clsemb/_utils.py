@@ -73,11 +73,14 @@ def _describe_indices(indices: list[int], limit: int = 10) -> str:
 def check_finite(inputs: Tensor, what: str = "inputs", first_index: int = 0) -> None:
     r"""Raise :class:`~captum_clsemb.errors.NonFiniteInputError` if any example holds NaN or inf.
 
-    One ``isfinite`` reduction over the batch; the offending examples are found only when
-    it fails. ``first_index`` offsets the reported indices (for a batch taken from a
+    One sum over the batch (NaN and inf propagate through a sum, so a finite sum proves every
+    value finite); an ``isfinite`` pass runs only when the sum is not finite (a non-finite value,
+    or an overflow), and the offending examples are found only when that fails. ``first_index`` offsets the reported indices (for a batch taken from a
     larger stream).
     """
     if inputs.dim() == 0 or not (inputs.is_floating_point() or inputs.is_complex()):
+        return
+    if bool(torch.isfinite(inputs.sum())):
         return
     finite = torch.isfinite(inputs)
     if bool(finite.all()):

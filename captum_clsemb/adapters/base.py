@@ -150,6 +150,11 @@ class BlockParts:
     # the stacked q/k/v projection weight (3 * heads * head_dim, d), rows in (q|k|v, head, dim) order, for
     # methods that need the weight itself (LRP)
     qkv_weight: Tensor | None = None
+    # True when qkv(u) is exactly the heads of the projection u qkv_weight^T + qkv_bias (no q/k norm; a
+    # rope is applied after it, separately): methods can then read the projection's output back from
+    # (q, k, v) instead of recomputing it (LRP's denominators). False when unknown.
+    qkv_is_projection: bool = False
+    qkv_bias: Tensor | None = None
     # Extension points for families beyond the plain ViT (None for it). Each receives the traced
     # sequence's model-order token index (N, T') (prefix tokens first, then patch positions), or None
     # when the sequence is the full one, so that dropped tokens keep their own positions.

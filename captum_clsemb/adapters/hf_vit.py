@@ -160,4 +160,6 @@ class HFViTAdapter(ModelAdapter):
             mlp_post=identity,
             scale_before_matmul=False,
             qkv_weight=torch.cat([q_lin.weight, k_lin.weight, v_lin.weight], 0),
+            qkv_is_projection=True,
+            qkv_bias=None if q_lin.bias is None else torch.cat([q_lin.bias, k_lin.bias, v_lin.bias], 0),
         )

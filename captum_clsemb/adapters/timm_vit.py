@@ -128,4 +128,6 @@ class TimmViTAdapter(TimmModelParts, ModelAdapter):
             mlp_post=blk.norm2 if post_norm else blk.ls2,
             scale_before_matmul=True,
             qkv_weight=attn.qkv.weight,
+            qkv_is_projection=isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity),
+            qkv_bias=attn.qkv.bias,
         )

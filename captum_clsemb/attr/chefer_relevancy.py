@@ -158,7 +158,7 @@ def _linear_relprop(
         den.sub_(-_EPS if bias is None else bias * 0.5 - _EPS)
         # z^+ <= 0 (exactly 0, or rounding below it): no positive contribution, no relevance
         s = torch.div(relevance, den).masked_fill_(den <= _EPS, 0)
-    return (s @ pw).mul_(x.clamp(min=0)).add_((s @ nw).mul_(x.clamp(max=0)))
+    return (s @ pw).mul_(x.clamp(min=0)).addcmul_(s @ nw, x.clamp(max=0))
 
 
 def lrp_linear_alpha1_beta0(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
@@ -873,9 +873,31 @@ class CheferRelevancy(GradientAttribution):
             q0, k0, _ = parts.qkv(u1)
             rope = parts.rope
             r_q, r_k = lrp_linear_map_z(lambda a, c: rope(a, c, None), (q0.to(cd), k0.to(cd)), (r_q, r_k))
-        r_qkv = torch.cat([r.transpose(1, 2).reshape(n, seq, heads * hd) for r in (r_q, r_k, r_v)], -1)
-        weight = _qkv_weight(parts).to(cd)
-        r_u1 = _linear_relprop(u1.to(cd), weight, r_qkv, parts=scratch)  # norm1: pass
+        # q/k/v projection (norm1: pass). Its output columns are separate outputs, each with its own
+        # denominator, so the rule can run on column groups and sum at the input: the last block
+        # takes the q columns for its k query rows only (the others carry no relevance).
+        u1, width = u1.to(cd), heads * hd
+        weight, bias = _qkv_weight(parts).to(cd), parts.qkv_bias
+        # When q, k, v are the projection's own output, it is read back for the shared denominator.
+        reuse = exact_dtype and parts.qkv_is_projection and parts.rope is None
+
+        def qkv_relprop(rows: int, first: int, rel: list[Tensor], outs: list[Tensor]) -> Tensor:
+            cols = slice(first * width, (first + len(rel)) * width)
+
+            def heads_joined(
+                ts: list[Tensor],
+            ) -> Tensor:  # (n, H, >= rows, hd) each -> (n, rows, len * width)
+                return torch.cat([t[:, :, :rows].transpose(1, 2).reshape(n, rows, width) for t in ts], -1)
+
+            y = heads_joined(outs) if reuse else None
+            b_cols = None if bias is None else bias[cols]
+            return _linear_relprop(u1[:, :rows], weight[cols], heads_joined(rel), y, b_cols, scratch)
+
+        if k == seq:
+            r_u1 = qkv_relprop(seq, 0, [r_q, r_k, r_v], [q, kt.mT, v])
+        else:
+            r_u1 = qkv_relprop(seq, 1, [r_k, r_v], [kt.mT, v])
+            r_u1[:, :k] += qkv_relprop(k, 0, [r_q], [q])
         return lrp_clone(x_full, (r_x, r_u1), clone_rule), r_a
 
 

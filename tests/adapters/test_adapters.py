@@ -59,6 +59,24 @@ def test_decomposed_forward_reproduces_logits_real_hf_base(cls_name: str) -> Non
     torch.testing.assert_close(trace(model, x).logits, model_logits(model, x), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(TIMM_VARIANTS) + sorted(HF_VARIANTS) + ["qk_norm"])
+def test_qkv_is_projection_means_the_heads_of_the_projection(name: str) -> None:
+    """Where a block says ``qkv_is_projection``, (q, k, v) are the heads of ``u W^T + b`` (LRP reads the
+    projection back from them); a q/k norm makes it False."""
+    model = small_timm(qk_norm=True) if name == "qk_norm" else {**TIMM_VARIANTS, **HF_VARIANTS}[name]()
+    adapter = adapt(model)
+    parts = adapter.block(1)
+    assert parts.qkv_is_projection is (name != "qk_norm")
+    u = torch.randn(2, 5, adapter.embed_dim)
+    q, k, v = parts.qkv(u)
+    flat = torch.cat([t.transpose(1, 2).reshape(2, 5, -1) for t in (q, k, v)], -1)
+    projection = torch.nn.functional.linear(u, parts.qkv_weight, parts.qkv_bias)
+    if parts.qkv_is_projection:
+        torch.testing.assert_close(flat, projection, atol=1e-6, rtol=0)
+    else:
+        assert not torch.allclose(flat, projection, atol=1e-3)
+
+
 def test_structure_timm_variants() -> None:
     a = adapt(small_timm())
     assert isinstance(a, TimmViTAdapter)

@@ -56,6 +56,17 @@ def test_non_finite_inputs_name_the_examples(method) -> None:
     assert torch.isfinite(m.attribute(x[[0, 2]], target=0)).all()
 
 
+def test_finite_inputs_whose_sum_overflows_are_accepted() -> None:
+    """The finite check sums first; an overflowing sum of finite values falls back to the exact check."""
+    from captum_clsemb._utils import check_finite
+
+    check_finite(torch.full((2, 3, 4, 4), 3e38))  # sum is inf, every value finite: no error
+    x = torch.full((2, 3, 4, 4), 3e38)
+    x[1, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteInputError, match=r"1 of 2 examples, at indices \[1\]"):
+        check_finite(x)
+
+
 def test_non_finite_in_chefer_attention_relevance_and_value_vectors() -> None:
     model = small_timm()
     x = _with_non_finite()
