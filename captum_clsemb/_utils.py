@@ -75,8 +75,8 @@ def check_finite(inputs: Tensor, what: str = "inputs", first_index: int = 0) -> 
 
     One sum over the batch (NaN and inf propagate through a sum, so a finite sum proves every
     value finite); an ``isfinite`` pass runs only when the sum is not finite (a non-finite value,
-    or an overflow), and the offending examples are found only when that fails. ``first_index`` offsets the reported indices (for a batch taken from a
-    larger stream).
+    or an overflow), and the offending examples are found only when that fails.
+    ``first_index`` offsets the reported indices (for a batch taken from a larger stream).
     """
     if inputs.dim() == 0 or not (inputs.is_floating_point() or inputs.is_complex()):
         return

@@ -881,17 +881,16 @@ class CheferRelevancy(GradientAttribution):
         # When q, k, v are the projection's own output, it is read back for the shared denominator.
         reuse = exact_dtype and parts.qkv_is_projection and parts.rope is None
 
+        def heads_joined(ts: list[Tensor], rows: int) -> Tensor:
+            """(n, H, >= rows, hd) tensors -> their first rows as (n, rows, len(ts) * H * hd)."""
+            return torch.cat([t[:, :, :rows].transpose(1, 2).reshape(n, rows, width) for t in ts], -1)
+
         def qkv_relprop(rows: int, first: int, rel: list[Tensor], outs: list[Tensor]) -> Tensor:
+            """The rule for the first ``rows`` tokens and the column groups from ``first`` (0 q, 1 k, 2 v) on."""
             cols = slice(first * width, (first + len(rel)) * width)
-
-            def heads_joined(
-                ts: list[Tensor],
-            ) -> Tensor:  # (n, H, >= rows, hd) each -> (n, rows, len * width)
-                return torch.cat([t[:, :, :rows].transpose(1, 2).reshape(n, rows, width) for t in ts], -1)
-
-            y = heads_joined(outs) if reuse else None
+            y = heads_joined(outs, rows) if reuse else None
             b_cols = None if bias is None else bias[cols]
-            return _linear_relprop(u1[:, :rows], weight[cols], heads_joined(rel), y, b_cols, scratch)
+            return _linear_relprop(u1[:, :rows], weight[cols], heads_joined(rel, rows), y, b_cols, scratch)
 
         if k == seq:
             r_u1 = qkv_relprop(seq, 0, [r_q, r_k, r_v], [q, kt.mT, v])
