@@ -65,7 +65,6 @@ Half precision: the forward runs in the model's dtype, the relevance rules in fl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -109,26 +108,26 @@ def _relevance_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class _Scratch:
-    """Buffers reused from one linear rule to the next: the weight's ``W^+``, ``W^-`` and ``|W|``
-    and the rule's element-wise temporaries. A fresh tensor of this size faults in new pages on
-    every allocation, which costs as much as the element-wise work itself on CPU."""
+class _WeightParts:
+    """``W^+``, ``W^-`` and ``|W|`` of one weight at a time, written into buffers that are reused
+    from one layer to the next (so each layer does not allocate, and fault in, fresh pages)."""
 
     def __init__(self) -> None:
-        self.bufs: dict[str, Tensor] = {}
+        self.buf: Tensor | None = None
 
-    def get(self, name: str, shape: torch.Size, like: Tensor) -> Tensor:
-        """A buffer of ``shape`` with ``like``'s dtype and device (its values are garbage)."""
-        n = math.prod(shape)
-        buf = self.bufs.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.bufs[name] = torch.empty(n, dtype=like.dtype, device=like.device)
-        return buf[:n].view(shape)
-
-    def weight_parts(self, weight: Tensor, with_abs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        pw = torch.clamp(weight, min=0, out=self.get("w_pos", weight.shape, weight))
-        nw = torch.clamp(weight, max=0, out=self.get("w_neg", weight.shape, weight))
-        return pw, nw, torch.abs(weight, out=self.get("w_abs", weight.shape, weight)) if with_abs else None
+    def __call__(self, weight: Tensor, with_abs: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        n = weight.numel()
+        if (
+            self.buf is None
+            or self.buf.shape[1] < n
+            or self.buf.dtype != weight.dtype
+            or self.buf.device != weight.device
+        ):
+            self.buf = torch.empty(3, n, dtype=weight.dtype, device=weight.device)
+        pw, nw, aw = (self.buf[i, :n].view(weight.shape) for i in range(3))
+        torch.clamp(weight, min=0, out=pw)
+        torch.clamp(weight, max=0, out=nw)
+        return pw, nw, torch.abs(weight, out=aw) if with_abs else None
 
 
 def _linear_relprop(
@@ -137,7 +136,7 @@ def _linear_relprop(
     relevance: Tensor,
     y: Tensor | None = None,
     bias: Tensor | None = None,
-    scratch: _Scratch | None = None,
+    parts: _WeightParts | None = None,
 ) -> Tensor:
     """LRP-alpha1-beta0 (:func:`lrp_linear_alpha1_beta0`), optionally reusing the forward's output.
 
@@ -147,25 +146,19 @@ def _linear_relprop(
     ``s = R / z^+``, which multiplies ``s_j`` only by positive contributions and so stays
     bounded by the relevance of the outputs even where ``z^+`` is tiny.
     """
-    sc = scratch or _Scratch()
-    pw, nw, aw = sc.weight_parts(weight, with_abs=y is not None)
-    x_pos = torch.clamp(x, min=0, out=sc.get("x_pos", x.shape, x))
-    x_neg = torch.clamp(x, max=0, out=sc.get("x_neg", x.shape, x))
+    pw, nw, aw = (parts or _WeightParts())(weight, with_abs=y is not None)
     if y is None:
-        z_plus = F.linear(x_pos, pw).add_(F.linear(x_neg, nw))
+        z_plus = F.linear(x.clamp(min=0), pw).add_(F.linear(x.clamp(max=0), nw))
         zero = z_plus == 0
-        s = torch.div(relevance, z_plus.add_(_EPS), out=z_plus).masked_fill_(zero, 0)
+        s = torch.div(relevance, z_plus.add_(_EPS)).masked_fill_(zero, 0)
     else:
         # z^+ + 1e-9 = y/2 + |x| |W|^T / 2 - (bias/2 - 1e-9), the product accumulated onto y/2.
-        x_abs = torch.abs(x, out=sc.get("x_abs", x.shape, x))
-        den = y.view(-1, y.shape[-1]).addmm_(x_abs.view(-1, x.shape[-1]), aw.t(), beta=0.5, alpha=0.5)
+        den = y.view(-1, y.shape[-1]).addmm_(x.abs().view(-1, x.shape[-1]), aw.t(), beta=0.5, alpha=0.5)
         den = den.view(y.shape)
         den.sub_(-_EPS if bias is None else bias * 0.5 - _EPS)
         # z^+ <= 0 (exactly 0, or rounding below it): no positive contribution, no relevance
-        empty = den <= _EPS
-        s = torch.div(relevance, den, out=den).masked_fill_(empty, 0)
-    s_neg = torch.matmul(s, nw, out=sc.get("s_neg", x.shape, x))
-    return torch.matmul(s, pw).mul_(x_pos).addcmul_(s_neg, x_neg)
+        s = torch.div(relevance, den).masked_fill_(den <= _EPS, 0)
+    return (s @ pw).mul_(x.clamp(min=0)).addcmul_(s @ nw, x.clamp(max=0))
 
 
 def lrp_linear_alpha1_beta0(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
@@ -742,7 +735,7 @@ class CheferRelevancy(GradientAttribution):
                 normed, dist, lrp_linear_alpha1_beta0(pooled_d, adapter.head_dist.weight.to(cd), r_d)
             )
         out = final
-        scratch = _Scratch()
+        scratch = _WeightParts()
         for b in reversed(range(start, nb)):
             saved = blocks[b - start]
             blocks[b - start] = {}  # release this block's tensors once used
@@ -813,7 +806,7 @@ class CheferRelevancy(GradientAttribution):
         relevance: Tensor,
         go_on: bool,
         clone_rule: str,
-        scratch: _Scratch,
+        scratch: _WeightParts,
     ) -> tuple[Tensor | None, Tensor]:
         """One block backwards from the relevance of its output ``out`` (the forward's tensor).
 
@@ -841,7 +834,7 @@ class CheferRelevancy(GradientAttribution):
         def linear(x: Tensor, module: nn.Linear, r: Tensor, output: str) -> Tensor:
             # The forward's output gives x W^T (recomputed in float32 for half-precision models).
             if not exact_dtype:
-                return _linear_relprop(x, module.weight.to(cd), r, scratch=scratch)
+                return _linear_relprop(x, module.weight.to(cd), r, parts=scratch)
             return _linear_relprop(x, module.weight, r, get(output), module.bias, scratch)
 
         # MLP sub-layer: out = mid + mlp_post(fc2(mid_norm(act(fc1(norm2(mid))))))
@@ -854,7 +847,7 @@ class CheferRelevancy(GradientAttribution):
             # Gated MLP, keys = gate(u) * fc1(u): the gate is a constant multiplier (its elementwise
             # z-rule passes the relevance), so all of it goes to the signal branch fc1.
             u2 = parts.norm2(saved["resid_mid"]).to(cd)
-            r_u2 = _linear_relprop(u2, parts.fc1.weight.to(cd), r_keys, scratch=scratch)
+            r_u2 = _linear_relprop(u2, parts.fc1.weight.to(cd), r_keys, parts=scratch)
         r_mid = lrp_clone(mid, (r_mid, r_u2), clone_rule)
         # Attention sub-layer: mid = x + attn_post(proj(out_norm(A @ v)))
         r_x, r_attn = _add_relprop(x_in, attn_out, mid if exact_dtype else x_in + attn_out, r_mid)
